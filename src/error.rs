@@ -1,0 +1,104 @@
+//! One error type for the relay: every failure knows which side caused it and whether a
+//! transparent retry is allowed (SPEC CT-10). Classification by string matching lives only in
+//! `protocol::classify`; everything else reads these fields.
+
+use std::fmt;
+
+/// Who is to blame for a failure. Reported in logs, metrics and usage records, so an upstream
+/// EOF is never mistaken for a client disconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The client's socket or request (bad frame, disconnect, over a limit).
+    Client,
+    /// The upstream's socket or its I/O (dial failure, close, EOF, silence).
+    UpstreamIo,
+    /// The upstream answered with an error event or error status.
+    UpstreamProtocol,
+    /// The relay itself (a bug or an exhausted internal resource).
+    Internal,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::UpstreamIo => "upstream_io",
+            Side::UpstreamProtocol => "upstream_protocol",
+            Side::Internal => "internal",
+        }
+    }
+}
+
+/// Whether a failed attempt may be retried without the client noticing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Never retry: the request itself is at fault, or output already reached the client.
+    No,
+    /// Retry on a fresh context if nothing of this turn reached the client yet.
+    BeforeOutput,
+}
+
+/// A relay failure: side, retry decision, and the OpenAI-shaped error it becomes on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayError {
+    pub side: Side,
+    pub retry: Retry,
+    /// HTTP status carried on the wire (`status` in WS error frames).
+    pub status: u16,
+    /// OpenAI error `type`, e.g. `invalid_request_error`.
+    pub kind: &'static str,
+    /// OpenAI error `code`, e.g. `previous_response_not_found`.
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+}
+
+impl RelayError {
+    pub fn new(side: Side, status: u16, kind: &'static str, code: impl Into<String>) -> Self {
+        let code = code.into();
+        RelayError {
+            side,
+            retry: Retry::No,
+            status,
+            kind,
+            message: code.replace('_', " "),
+            code,
+            param: None,
+        }
+    }
+
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    pub fn param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// 400 `invalid_request_error` caused by the client.
+    pub fn invalid_request(code: &str, message: impl Into<String>) -> Self {
+        RelayError::new(Side::Client, 400, "invalid_request_error", code).message(message)
+    }
+}
+
+impl fmt::Display for RelayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} error {} {}: {}",
+            self.side.as_str(),
+            self.status,
+            self.code,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for RelayError {}

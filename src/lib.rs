@@ -1,0 +1,47 @@
+//! Switchyard: a WebSocket-first relay for the OpenAI Responses API.
+//!
+//! Clients (Codex CLI above all) open one WebSocket per conversation and send
+//! `response.create` frames; the relay authenticates them with its own keys, picks an upstream
+//! account, keeps a warm upstream WebSocket bound to the conversation, streams the events back
+//! and records usage. HTTP/SSE works as a full fallback on both sides. `../shared/SPEC.md`
+//! defines every behaviour; the ids it gives (`WS-1`, `CT-4`, ...) are cited in the tests.
+//!
+//! # Modules, along the data path
+//!
+//! [`config`] reads the one YAML file: typed sections with defaults, unknown keys refused, every
+//! error reported with its path before any port is bound (OP-4); secrets never print.
+//!
+//! [`server`] is the client-facing front: the axum router that accepts WebSocket upgrades and
+//! HTTP requests, authenticates them, and answers `/healthz` and `/readyz`.
+//!
+//! [`protocol`] holds the wire shapes both sides share: error frames in their WebSocket and SSE
+//! forms, and (as the relay path lands) event peeking, request rewriting and the one table that
+//! classifies upstream errors.
+//!
+//! [`error`] is the relay's error type: which side failed (client, upstream I/O, upstream
+//! protocol, internal) and whether a transparent retry is allowed, so no failure is ever blamed
+//! on the wrong side.
+//!
+//! [`mock`] is a faithful stand-in for the upstream service (connection-local caches, stored
+//! responses, tool-call and encrypted-reasoning rules, scripted faults), used by every test and
+//! by `switchyard mock-upstream`.
+//!
+//! [`telemetry`] sets up logging (and later the metrics registry).
+//!
+//! # The life of a turn
+//!
+//! A client frame `response.create` is read by the session's reader → admission checks the
+//! key's limits → the scheduler picks an account → the session leases an upstream context (a
+//! pooled WebSocket: reused if warm, dialed if not) → continuity decides between the fast path
+//! (`previous_response_id` the context still holds) and a full replay of the transcript → the
+//! request is written upstream → the context's reader task pushes each event into a bounded
+//! channel and the session's writer forwards the original bytes to the client, peeking only at
+//! the event type → at the terminal event the transcript and bindings advance, the slot is
+//! released, the context stays with the session, and one usage record is written.
+
+pub mod config;
+pub mod error;
+pub mod mock;
+pub mod protocol;
+pub mod server;
+pub mod telemetry;

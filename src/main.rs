@@ -1,0 +1,110 @@
+//! The `switchyard` command: run the relay, check a config file, or run the mock upstream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::config::Config;
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "WebSocket-first relay for the OpenAI Responses API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve {
+        /// Config file (YAML). Without it the relay starts on the embedded default.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `listen` from the config.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate a config file and print every error with its path in the file.
+    CheckConfig {
+        file: PathBuf,
+    },
+    /// Run the mock upstream (a stand-in for the OpenAI Responses API, for tests and trials).
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Connection age limit, e.g. "60m" or "5s".
+        #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
+        max_age: std::time::Duration,
+        /// Accepted API keys, each its own mock account; none accepts any key.
+        #[arg(long = "api-key")]
+        api_keys: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    switchyard::telemetry::init_logging();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Serve { config, listen } => serve(config, listen),
+        Command::MockUpstream { listen, max_age, api_keys } => {
+            let opts = switchyard::mock::MockOptions { max_age, api_keys };
+            run(async move { switchyard::mock::run_standalone(listen, opts).await })
+        }
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{}: {} error(s)", file.display(), errors.len());
+            for e in errors.iter() {
+                eprintln!("  {e}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
+    // OP-4: the whole config is validated before any port is bound.
+    let mut cfg = match config {
+        Some(path) => match Config::load(&path) {
+            Ok(c) => c,
+            Err(errors) => {
+                eprintln!("{}: {} error(s)", path.display(), errors.len());
+                for e in errors.iter() {
+                    eprintln!("  {e}");
+                }
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    if let Some(addr) = listen {
+        cfg.listen = addr;
+    }
+    run(async move { switchyard::server::run(cfg).await })
+}
+
+fn run<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

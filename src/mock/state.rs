@@ -1,0 +1,177 @@
+//! State shared by all connections of one mock upstream: stored responses per account, the
+//! fault queues, and the log of what the mock saw (the tests' window into the upstream side).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::script::Fault;
+use super::MockOptions;
+
+/// A response the mock can chain from: its account and its whole context (input + output).
+#[derive(Debug)]
+pub struct Stored {
+    pub id: String,
+    pub account: String,
+    pub items: Vec<Value>,
+}
+
+/// A scripted refusal of the next WebSocket upgrade.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct HandshakeFault {
+    pub status: u16,
+    #[serde(default)]
+    pub retry_after: Option<String>,
+}
+
+/// One request as the mock received it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeenRequest {
+    /// WebSocket connection number, or 0 for HTTP.
+    pub conn: u64,
+    pub account: String,
+    pub body: Value,
+}
+
+/// How the stream of one response ended, as the mock saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamEnd {
+    pub conn: u64,
+    pub response_id: String,
+    /// Events written before the end.
+    pub sent: usize,
+    /// Events the plan had.
+    pub planned: usize,
+    /// `completed`, `client_closed`, `fault`, `error`.
+    pub end: String,
+}
+
+/// One accepted WebSocket upgrade.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeenUpgrade {
+    pub conn: u64,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+}
+
+/// Everything observable from outside the mock.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MockLog {
+    pub upgrades: Vec<SeenUpgrade>,
+    pub refused_upgrades: u64,
+    pub http_requests: u64,
+    pub requests: Vec<SeenRequest>,
+    pub stream_ends: Vec<StreamEnd>,
+    /// Connections whose client went away (Close frame, EOF or error), by number.
+    pub client_closes: Vec<u64>,
+}
+
+pub struct MockState {
+    pub opts: MockOptions,
+    stored: Mutex<HashMap<String, Arc<Stored>>>,
+    reasoning_parents: Mutex<HashMap<String, String>>,
+    fired: Mutex<HashSet<String>>,
+    faults: Mutex<VecDeque<Fault>>,
+    handshakes: Mutex<VecDeque<HandshakeFault>>,
+    log: Mutex<MockLog>,
+    next_conn: AtomicU64,
+    /// Bumped by "forget": connections compare it with theirs and drop their cache.
+    pub forget_epoch: AtomicU64,
+}
+
+impl MockState {
+    pub fn new(opts: MockOptions) -> Self {
+        MockState {
+            opts,
+            stored: Mutex::default(),
+            reasoning_parents: Mutex::default(),
+            fired: Mutex::default(),
+            faults: Mutex::default(),
+            handshakes: Mutex::default(),
+            log: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            forget_epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// The mock account of an API key, or `None` when the key is not accepted.
+    pub fn account_for(&self, key: &str) -> Option<String> {
+        if key.is_empty() {
+            return None;
+        }
+        if self.opts.api_keys.is_empty() || self.opts.api_keys.iter().any(|k| k == key) {
+            // The account name is a digest prefix: keys never appear in the log.
+            Some(format!("acct_{}", &super::engine::seal(key, "account")[5..17]))
+        } else {
+            None
+        }
+    }
+
+    pub fn stored(&self, id: &str) -> Option<Arc<Stored>> {
+        self.stored.lock().get(id).cloned()
+    }
+
+    pub fn store(&self, s: Arc<Stored>) {
+        self.stored.lock().insert(s.id.clone(), s);
+    }
+
+    pub fn reasoning_parent(&self, call_item_id: &str) -> Option<String> {
+        self.reasoning_parents.lock().get(call_item_id).cloned()
+    }
+
+    pub fn set_reasoning_parent(&self, call_item_id: &str, reasoning_id: &str) {
+        self.reasoning_parents.lock().insert(call_item_id.into(), reasoning_id.into());
+    }
+
+    /// The fault for a request: a queued one first, else the request's own directive unless
+    /// it is `once=` and already fired.
+    pub fn take_fault(&self, directive: Option<&Fault>) -> Option<Fault> {
+        if let Some(f) = self.faults.lock().pop_front() {
+            return Some(f);
+        }
+        let f = directive?;
+        match &f.once {
+            Some(name) if !self.fired.lock().insert(name.clone()) => None,
+            _ => Some(f.clone()),
+        }
+    }
+
+    pub fn push_fault(&self, f: Fault) {
+        self.faults.lock().push_back(f);
+    }
+
+    pub fn push_handshake(&self, f: HandshakeFault) {
+        self.handshakes.lock().push_back(f);
+    }
+
+    pub fn take_handshake(&self) -> Option<HandshakeFault> {
+        self.handshakes.lock().pop_front()
+    }
+
+    pub fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn with_log<R>(&self, f: impl FnOnce(&mut MockLog) -> R) -> R {
+        f(&mut self.log.lock())
+    }
+
+    pub fn snapshot(&self) -> MockLog {
+        self.log.lock().clone()
+    }
+
+    /// Clears queues, storage and the log (between scenarios on a long-running mock).
+    pub fn reset(&self) {
+        self.stored.lock().clear();
+        self.reasoning_parents.lock().clear();
+        self.fired.lock().clear();
+        self.faults.lock().clear();
+        self.handshakes.lock().clear();
+        *self.log.lock() = MockLog::default();
+        self.forget_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+}

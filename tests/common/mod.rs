@@ -1,0 +1,134 @@
+//! Test helpers shared by the integration tests: a real WebSocket client, turn readers with
+//! hang guards, and the event dump the Python shape check reads.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Far above any deadline a test configures: only there so a broken build fails, not hangs.
+pub const HANG_GUARD: Duration = Duration::from_secs(30);
+
+/// What the client saw next on the socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    Event(Value),
+    /// A Close frame with its code (None when it had none).
+    Closed(Option<u16>),
+    /// The TCP connection ended without a Close frame (or with an I/O error).
+    Eof,
+}
+
+/// Opens a WebSocket with `Authorization: Bearer key` and extra headers.
+pub async fn ws_connect_with(url: &str, key: &str, headers: &[(&str, &str)]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = url.into_client_request()?;
+    if !key.is_empty() {
+        let v = HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+        req.headers_mut().insert("authorization", v);
+    }
+    for (k, v) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().expect("header name");
+        req.headers_mut().insert(name, HeaderValue::from_str(v).expect("header"));
+    }
+    let (ws, _) = tokio::time::timeout(HANG_GUARD, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("hang guard: connect")?;
+    Ok(ws)
+}
+
+pub async fn ws_connect(url: &str, key: &str) -> Ws {
+    ws_connect_with(url, key, &[]).await.expect("websocket connect")
+}
+
+pub async fn send(ws: &mut Ws, v: &Value) {
+    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+}
+
+/// The next event or end of the socket; pings and pongs are skipped.
+pub async fn next_frame(ws: &mut Ws) -> Frame {
+    loop {
+        let msg = tokio::time::timeout(HANG_GUARD, ws.next()).await.expect("hang guard: next frame");
+        return match msg {
+            Some(Ok(Message::Text(t))) => Frame::Event(serde_json::from_str(&t).expect("event is JSON")),
+            Some(Ok(Message::Binary(b))) => Frame::Event(serde_json::from_slice(&b).expect("event is JSON")),
+            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => continue,
+            Some(Ok(Message::Close(frame))) => Frame::Closed(frame.map(|f| u16::from(f.code))),
+            Some(Err(_)) | None => Frame::Eof,
+        };
+    }
+}
+
+/// Whether an event ends a response.
+pub fn is_terminal(e: &Value) -> bool {
+    matches!(
+        e["type"].as_str(),
+        Some("response.completed" | "response.failed" | "response.incomplete" | "response.done" | "response.cancelled" | "error")
+    )
+}
+
+/// Reads one response's events up to and including its terminal event. Panics if the socket
+/// ends first.
+pub async fn read_turn(ws: &mut Ws) -> Vec<Value> {
+    let (events, end) = read_until_end(ws).await;
+    assert!(end.is_none(), "socket ended mid-turn: {end:?} after {events:?}");
+    events
+}
+
+/// Reads events until a terminal event (end None) or the socket ends (end Some).
+pub async fn read_until_end(ws: &mut Ws) -> (Vec<Value>, Option<Frame>) {
+    let mut events = Vec::new();
+    loop {
+        match next_frame(ws).await {
+            Frame::Event(e) => {
+                let done = is_terminal(&e);
+                events.push(e);
+                if done {
+                    return (events, None);
+                }
+            }
+            other => return (events, Some(other)),
+        }
+    }
+}
+
+pub fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap_or("?")).collect()
+}
+
+/// The terminal event's response id.
+pub fn response_id(events: &[Value]) -> String {
+    events
+        .last()
+        .and_then(|e| e["response"]["id"].as_str())
+        .expect("terminal event with a response id")
+        .to_string()
+}
+
+/// A `response.create` frame with a text input.
+pub fn create(model: &str, text: &str) -> Value {
+    serde_json::json!({"type": "response.create", "model": model, "input": [
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}
+    ]})
+}
+
+/// Writes events as JSONL into `$SWITCHYARD_EVENT_DUMP_DIR/NAME.jsonl` (checked by
+/// `scripts/check_events.py` against the official typed models).
+pub fn dump(name: &str, events: &[Value]) {
+    let Ok(dir) = std::env::var("SWITCHYARD_EVENT_DUMP_DIR") else { return };
+    let _ = std::fs::create_dir_all(&dir);
+    let text: String = events.iter().map(|e| format!("{e}\n")).collect();
+    std::fs::write(std::path::Path::new(&dir).join(format!("{name}.jsonl")), text).expect("dump");
+}
+
+pub fn close_code(code: u16) -> CloseCode {
+    CloseCode::from(code)
+}
