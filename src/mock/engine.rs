@@ -86,7 +86,8 @@ pub fn plan(state: &MockState, account: &str, cache: &ConnCache, req: &Value) ->
     let input_tokens = div_ceil(input_bytes, 4);
     let cached = ((cached_bytes / 4) as u64).min(input_tokens);
     let events = if let Some(name) = directives.fixture.as_deref().filter(|_| generate) {
-        super::fixtures::replay(name, &head.id).ok_or_else(|| {
+        let prev = req.get("previous_response_id").cloned().unwrap_or(Value::Null);
+        super::fixtures::replay(name, &head.id, &prev).ok_or_else(|| {
             ApiError::invalid(None, format!("mock: unknown fixture {name:?}"), Some("input"))
         })?
     } else {

@@ -27,12 +27,16 @@ pub fn load(name: &str) -> Option<Vec<Value>> {
         .collect()
 }
 
-/// The events of a fixture with its response id replaced by `response_id`.
-pub fn replay(name: &str, response_id: &str) -> Option<Vec<Value>> {
+/// The events of a fixture with its response id and `previous_response_id` replaced by the
+/// request's own.
+pub fn replay(name: &str, response_id: &str, previous: &Value) -> Option<Vec<Value>> {
     let mut events = load(name)?;
     for e in &mut events {
         if let Some(id) = e.pointer_mut("/response/id") {
             *id = Value::String(response_id.to_string());
+        }
+        if let Some(prev) = e.pointer_mut("/response/previous_response_id") {
+            *prev = previous.clone();
         }
     }
     Some(events)
@@ -56,7 +60,7 @@ mod tests {
 
     #[test]
     fn replay_rewrites_the_response_id() {
-        let events = replay("failed", "resp_new").expect("fixture");
+        let events = replay("failed", "resp_new", &Value::Null).expect("fixture");
         assert!(events.iter().all(|e| e.pointer("/response/id").is_none_or(|id| id == "resp_new")));
     }
 }
