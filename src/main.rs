@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use switchyard::config::Config;
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "WebSocket-first relay for the OpenAI Responses API")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "WebSocket-first relay for the OpenAI Responses API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,9 +30,7 @@ enum Command {
         listen: Option<SocketAddr>,
     },
     /// Validate a config file and print every error with its path in the file.
-    CheckConfig {
-        file: PathBuf,
-    },
+    CheckConfig { file: PathBuf },
     /// Run the mock upstream (a stand-in for the OpenAI Responses API, for tests and trials).
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -48,7 +50,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve { config, listen } => serve(config, listen),
-        Command::MockUpstream { listen, max_age, api_keys } => {
+        Command::MockUpstream {
+            listen,
+            max_age,
+            api_keys,
+        } => {
             let opts = switchyard::mock::MockOptions { max_age, api_keys };
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
@@ -93,7 +99,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
 }
 
 fn run<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

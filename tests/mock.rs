@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 use switchyard::mock::{MockOptions, MockUpstream};
 
 async fn mock() -> MockUpstream {
-    MockUpstream::start(MockOptions::default()).await.expect("mock")
+    MockUpstream::start(MockOptions::default())
+        .await
+        .expect("mock")
 }
 
 fn ws_url(m: &MockUpstream) -> String {
@@ -50,8 +52,20 @@ async fn text_answer_streams_deltas_and_reports_usage() {
         .filter(|e| e["type"] == "response.output_text.delta")
         .map(|e| e["delta"].as_str().unwrap_or(""))
         .collect();
-    assert!(t.iter().filter(|t| **t == "response.output_text.delta").count() > 1, "several deltas");
-    assert_eq!(deltas, (1..=12).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" "));
+    assert!(
+        t.iter()
+            .filter(|t| **t == "response.output_text.delta")
+            .count()
+            > 1,
+        "several deltas"
+    );
+    assert_eq!(
+        deltas,
+        (1..=12)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["sequence_number"], i);
     }
@@ -80,7 +94,10 @@ async fn warm_up_generate_false_is_created_then_completed_and_chainable() {
     let mut next = chained(&response_id(&events), "go on");
     next["store"] = json!(false);
     send(&mut ws, &next).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
@@ -103,7 +120,10 @@ async fn store_false_chains_only_on_the_same_connection() {
     assert_eq!(err[0]["error"]["param"], "previous_response_id");
 
     send(&mut a, &other).await;
-    assert_eq!(read_turn(&mut a).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut a).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
@@ -119,7 +139,10 @@ async fn only_the_most_recent_response_is_cached_per_connection() {
     let mut again = chained(&id1, "back to the first");
     again["store"] = json!(false);
     send(&mut ws, &again).await;
-    assert_eq!(read_turn(&mut ws).await[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        read_turn(&mut ws).await[0]["error"]["code"],
+        "previous_response_not_found"
+    );
 }
 
 #[tokio::test]
@@ -132,23 +155,37 @@ async fn store_true_chains_from_any_connection_of_the_same_account() {
     send(&mut b, &chained(&id, "next")).await;
     let events = read_turn(&mut b).await;
     assert_eq!(events.last().unwrap()["type"], "response.completed");
-    assert!(events.last().unwrap()["response"]["usage"]["input_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        events.last().unwrap()["response"]["usage"]["input_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     let mut other_account = ws_connect(&ws_url(&m), "k2").await;
     send(&mut other_account, &chained(&id, "next")).await;
-    assert_eq!(read_turn(&mut other_account).await[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        read_turn(&mut other_account).await[0]["error"]["code"],
+        "previous_response_not_found"
+    );
 }
 
 #[tokio::test]
 async fn requests_on_one_connection_run_one_at_a_time_in_order() {
     let m = mock().await;
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    send(&mut ws, &create("gpt-test", "[[mock:text 30]] [[mock:fault slow 1ms]]")).await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:text 30]] [[mock:fault slow 1ms]]"),
+    )
+    .await;
     send(&mut ws, &create("gpt-test", "second")).await;
     let first = read_turn(&mut ws).await;
     let second = read_turn(&mut ws).await;
     let ids = |ev: &[Value]| {
-        ev.iter().filter_map(|e| e["response"]["id"].as_str().map(str::to_string)).collect::<std::collections::HashSet<_>>()
+        ev.iter()
+            .filter_map(|e| e["response"]["id"].as_str().map(str::to_string))
+            .collect::<std::collections::HashSet<_>>()
     };
     assert_eq!(ids(&first).len(), 1);
     assert_eq!(ids(&second).len(), 1);
@@ -160,7 +197,10 @@ async fn requests_on_one_connection_run_one_at_a_time_in_order() {
 async fn tool_call_round_trip_and_the_output_needs_its_call() {
     let m = mock().await;
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    let mut ask = create("gpt-test", r#"run it [[mock:tool exec_command {"cmd":"echo hi"}]]"#);
+    let mut ask = create(
+        "gpt-test",
+        r#"run it [[mock:tool exec_command {"cmd":"echo hi"}]]"#,
+    );
     ask["store"] = json!(false);
     send(&mut ws, &ask).await;
     let events = read_turn(&mut ws).await;
@@ -178,7 +218,10 @@ async fn tool_call_round_trip_and_the_output_needs_its_call() {
     let answer = read_turn(&mut ws).await;
     dump("mock_function_call_output_answer", &answer);
     assert_eq!(answer.last().unwrap()["type"], "response.completed");
-    let text = answer.last().unwrap()["response"]["output"][0]["content"][0]["text"].as_str().unwrap().to_string();
+    let text = answer.last().unwrap()["response"]["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(text.contains("hi"), "{text}");
 
     // Without the chain, the output has no call: the service's 400.
@@ -186,28 +229,45 @@ async fn tool_call_round_trip_and_the_output_needs_its_call() {
     send(&mut ws, &out).await;
     let err = read_turn(&mut ws).await;
     assert_eq!(err[0]["status"], 400);
-    assert!(err[0]["error"]["message"].as_str().unwrap().contains("No tool call found"));
+    assert!(err[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("No tool call found"));
 
     // A full replay that holds the call is fine.
     let replay = json!({"type": "response.create", "model": "gpt-test", "store": false,
         "input": [ask["input"][0].clone(), call, tool_output(&call_id, "hi\n")]});
     send(&mut ws, &replay).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
 async fn encrypted_reasoning_verifies_only_on_its_own_account() {
     let m = mock().await;
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    let ask = create("gpt-test", r#"[[mock:reason]] [[mock:tool exec_command {"cmd":"ls"}]]"#);
+    let ask = create(
+        "gpt-test",
+        r#"[[mock:reason]] [[mock:tool exec_command {"cmd":"ls"}]]"#,
+    );
     send(&mut ws, &ask).await;
     let events = read_turn(&mut ws).await;
     dump("mock_reasoning", &events);
-    let output = events.last().unwrap()["response"]["output"].as_array().unwrap().clone();
+    let output = events.last().unwrap()["response"]["output"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(output[0]["type"], "reasoning");
     assert!(output[0]["encrypted_content"].as_str().unwrap().len() > 10);
     let usage = &events.last().unwrap()["response"]["usage"];
-    assert!(usage["output_tokens_details"]["reasoning_tokens"].as_u64().unwrap() > 0);
+    assert!(
+        usage["output_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let call_id = output[1]["call_id"].as_str().unwrap();
     let mut items = vec![ask["input"][0].clone()];
     items.extend(output.iter().cloned());
@@ -215,22 +275,46 @@ async fn encrypted_reasoning_verifies_only_on_its_own_account() {
     let replay = json!({"type": "response.create", "model": "gpt-test", "input": items});
 
     send(&mut ws, &replay).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 
     let mut other = ws_connect(&ws_url(&m), "k2").await;
     send(&mut other, &replay).await;
     let err = read_turn(&mut other).await;
     assert_eq!(err[0]["error"]["code"], "invalid_encrypted_content");
-    assert!(err[0]["error"]["message"].as_str().unwrap().contains("could not be verified"));
+    assert!(err[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not be verified"));
 
     // Dropping the reasoning but keeping the call's id fails too; dropping the id is fine.
-    let mut no_reasoning: Vec<Value> = vec![ask["input"][0].clone(), output[1].clone(), tool_output(call_id, "files")];
-    send(&mut other, &json!({"type": "response.create", "model": "gpt-test", "input": no_reasoning.clone()})).await;
+    let mut no_reasoning: Vec<Value> = vec![
+        ask["input"][0].clone(),
+        output[1].clone(),
+        tool_output(call_id, "files"),
+    ];
+    send(
+        &mut other,
+        &json!({"type": "response.create", "model": "gpt-test", "input": no_reasoning.clone()}),
+    )
+    .await;
     let err = read_turn(&mut other).await;
-    assert!(err[0]["error"]["message"].as_str().unwrap().contains("without its required 'reasoning' item"));
+    assert!(err[0]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("without its required 'reasoning' item"));
     no_reasoning[1].as_object_mut().unwrap().remove("id");
-    send(&mut other, &json!({"type": "response.create", "model": "gpt-test", "input": no_reasoning})).await;
-    assert_eq!(read_turn(&mut other).await.last().unwrap()["type"], "response.completed");
+    send(
+        &mut other,
+        &json!({"type": "response.create", "model": "gpt-test", "input": no_reasoning}),
+    )
+    .await;
+    assert_eq!(
+        read_turn(&mut other).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
@@ -241,21 +325,35 @@ async fn a_failed_request_evicts_the_connection_cache() {
     r["store"] = json!(false);
     send(&mut ws, &r).await;
     let id = response_id(&read_turn(&mut ws).await);
-    send(&mut ws, &json!({"type": "response.create", "input": "no model"})).await;
+    send(
+        &mut ws,
+        &json!({"type": "response.create", "input": "no model"}),
+    )
+    .await;
     let err = read_turn(&mut ws).await;
     assert_eq!(err[0]["error"]["code"], "missing_required_parameter");
     let mut next = chained(&id, "two");
     next["store"] = json!(false);
     send(&mut ws, &next).await;
-    assert_eq!(read_turn(&mut ws).await[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        read_turn(&mut ws).await[0]["error"]["code"],
+        "previous_response_not_found"
+    );
 }
 
 #[tokio::test]
 async fn connection_age_limit_sends_the_limit_error_and_closes() {
-    let m = MockUpstream::start(MockOptions { max_age: Duration::ZERO, ..MockOptions::default() }).await.unwrap();
+    let m = MockUpstream::start(MockOptions {
+        max_age: Duration::ZERO,
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
     send(&mut ws, &create("gpt-test", "hi")).await;
-    let Frame::Event(e) = next_frame(&mut ws).await else { panic!("expected the error event") };
+    let Frame::Event(e) = next_frame(&mut ws).await else {
+        panic!("expected the error event")
+    };
     assert_eq!(e["error"]["code"], "websocket_connection_limit_reached");
     assert_eq!(e["status"], 400);
     assert_eq!(next_frame(&mut ws).await, Frame::Closed(Some(1000)));
@@ -271,7 +369,11 @@ async fn fault_close_before_and_after_output() {
     assert_eq!(end, Some(Frame::Closed(Some(1012))));
 
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    send(&mut ws, &create("gpt-test", "[[mock:fault close 1013 after=5]]")).await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:fault close 1013 after=5]]"),
+    )
+    .await;
     let (events, end) = read_until_end(&mut ws).await;
     assert_eq!(events.len(), 5);
     assert!(types(&events).contains(&"response.output_text.delta"));
@@ -292,31 +394,51 @@ async fn fault_eof_drops_without_a_close_frame() {
 async fn fault_error_event_then_the_socket_goes_on() {
     let m = mock().await;
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    send(&mut ws, &create("gpt-test", "[[mock:fault error 500 server_error]]")).await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:fault error 500 server_error]]"),
+    )
+    .await;
     let events = read_turn(&mut ws).await;
-    assert_eq!(types(&events), ["response.created", "response.in_progress", "error"]);
+    assert_eq!(
+        types(&events),
+        ["response.created", "response.in_progress", "error"]
+    );
     assert_eq!(events[2]["status"], 500);
     assert_eq!(events[2]["error"]["type"], "server_error");
     send(&mut ws, &create("gpt-test", "again")).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
 async fn queued_fault_fires_once_and_once_directives_fire_once() {
     let m = mock().await;
-    m.push_fault("error 429 rate_limit_exceeded after=0").unwrap();
+    m.push_fault("error 429 rate_limit_exceeded after=0")
+        .unwrap();
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
     send(&mut ws, &create("gpt-test", "x")).await;
     let e = read_turn(&mut ws).await;
-    assert_eq!((e[0]["status"].as_u64(), e[0]["error"]["type"].as_str()), (Some(429), Some("rate_limit_error")));
+    assert_eq!(
+        (e[0]["status"].as_u64(), e[0]["error"]["type"].as_str()),
+        (Some(429), Some("rate_limit_error"))
+    );
     send(&mut ws, &create("gpt-test", "x")).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 
     let once = create("gpt-test", "[[mock:fault error 500 server_error once=a1]]");
     send(&mut ws, &once).await;
     assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "error");
     send(&mut ws, &once).await;
-    assert_eq!(read_turn(&mut ws).await.last().unwrap()["type"], "response.completed");
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
 }
 
 #[tokio::test]
@@ -327,17 +449,31 @@ async fn fault_stall_sends_nothing_more_until_the_client_leaves() {
     for _ in 0..2 {
         assert!(matches!(next_frame(&mut ws).await, Frame::Event(_)));
     }
-    let quiet = tokio::time::timeout(Duration::from_millis(300), futures::StreamExt::next(&mut ws)).await;
+    let quiet = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut ws),
+    )
+    .await;
     assert!(quiet.is_err(), "a stalled stream sends nothing");
     drop(ws);
-    wait_for(|| m.log().stream_ends.iter().any(|e| e.end == "fault" && e.sent == 2)).await;
+    wait_for(|| {
+        m.log()
+            .stream_ends
+            .iter()
+            .any(|e| e.end == "fault" && e.sent == 2)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn slow_stream_notices_the_client_leaving_before_its_next_event() {
     let m = mock().await;
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
-    send(&mut ws, &create("gpt-test", "[[mock:text 200]] [[mock:fault slow 20ms]]")).await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:text 200]] [[mock:fault slow 20ms]]"),
+    )
+    .await;
     for _ in 0..3 {
         assert!(matches!(next_frame(&mut ws).await, Frame::Event(_)));
     }
@@ -360,7 +496,10 @@ async fn forget_drops_every_connection_cache() {
     let mut next = chained(&id, "two");
     next["store"] = json!(false);
     send(&mut ws, &next).await;
-    assert_eq!(read_turn(&mut ws).await[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        read_turn(&mut ws).await[0]["error"]["code"],
+        "previous_response_not_found"
+    );
 
     // The per-request form.
     send(&mut ws, &r).await;
@@ -368,28 +507,48 @@ async fn forget_drops_every_connection_cache() {
     let mut next = chained(&id, "[[mock:fault forget]]");
     next["store"] = json!(false);
     send(&mut ws, &next).await;
-    assert_eq!(read_turn(&mut ws).await[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        read_turn(&mut ws).await[0]["error"]["code"],
+        "previous_response_not_found"
+    );
 }
 
 #[tokio::test]
 async fn handshake_faults_and_unknown_keys_are_refused_with_their_status() {
-    let m = MockUpstream::start(MockOptions { api_keys: vec!["good".into()], ..MockOptions::default() }).await.unwrap();
+    let m = MockUpstream::start(MockOptions {
+        api_keys: vec!["good".into()],
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
     for (status, retry) in [(401u16, None), (429, Some("3")), (500, None)] {
         m.push_handshake(status, retry);
-        let err = ws_connect_with(&ws_url(&m), "good", &[]).await.expect_err("refused");
-        let tokio_tungstenite::tungstenite::Error::Http(resp) = err else { panic!("http refusal") };
+        let err = ws_connect_with(&ws_url(&m), "good", &[])
+            .await
+            .expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(resp) = err else {
+            panic!("http refusal")
+        };
         assert_eq!(resp.status().as_u16(), status);
         if let Some(r) = retry {
             assert_eq!(resp.headers()["retry-after"], r);
         }
     }
-    let err = ws_connect_with(&ws_url(&m), "bad", &[]).await.expect_err("refused");
+    let err = ws_connect_with(&ws_url(&m), "bad", &[])
+        .await
+        .expect_err("refused");
     assert!(matches!(err, tokio_tungstenite::tungstenite::Error::Http(r) if r.status() == 401));
     let ok = ws_connect_with(&ws_url(&m), "good", &[("session-id", "s1")]).await;
     assert!(ok.is_ok());
     let log = m.log();
     assert_eq!((log.upgrades.len(), log.refused_upgrades), (1, 4));
-    assert_eq!(log.upgrades[0].headers.get("session-id").map(String::as_str), Some("s1"));
+    assert_eq!(
+        log.upgrades[0]
+            .headers
+            .get("session-id")
+            .map(String::as_str),
+        Some("s1")
+    );
     assert!(!log.upgrades[0].headers.contains_key("authorization"));
 }
 
@@ -403,7 +562,10 @@ async fn fixtures_replay_failed_incomplete_and_error() {
     assert_eq!(failed.last().unwrap()["response"]["status"], "failed");
     send(&mut ws, &create("gpt-test", "[[mock:fixture incomplete]]")).await;
     let inc = read_turn(&mut ws).await;
-    assert_eq!(inc.last().unwrap()["response"]["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(
+        inc.last().unwrap()["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
     send(&mut ws, &create("gpt-test", "[[mock:fixture error]]")).await;
     let err = read_turn(&mut ws).await;
     assert_eq!(err[0]["type"], "error");
@@ -442,16 +604,35 @@ async fn http_sse_and_json_answers() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
-    assert_eq!((body["object"].as_str(), body["status"].as_str()), (Some("response"), Some("completed")));
+    assert_eq!(
+        (body["object"].as_str(), body["status"].as_str()),
+        (Some("response"), Some("completed"))
+    );
 
     // store:false responses cannot be chained over HTTP.
-    let r = client.post(&url).bearer_auth("k1")
-        .json(&json!({"model": "gpt-test", "input": "x", "store": false})).send().await.unwrap();
-    let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string();
-    let r = client.post(&url).bearer_auth("k1")
-        .json(&json!({"model": "gpt-test", "input": "y", "previous_response_id": id})).send().await.unwrap();
+    let r = client
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&json!({"model": "gpt-test", "input": "x", "store": false}))
+        .send()
+        .await
+        .unwrap();
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = client
+        .post(&url)
+        .bearer_auth("k1")
+        .json(&json!({"model": "gpt-test", "input": "y", "previous_response_id": id}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "previous_response_not_found");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "previous_response_not_found"
+    );
 
     // A mid-stream error is the SSE error event.
     let r = client.post(&url).bearer_auth("k1")
@@ -459,9 +640,17 @@ async fn http_sse_and_json_answers() {
         .send().await.unwrap();
     let events = parse_sse(&r.text().await.unwrap());
     assert_eq!(events.len(), 4);
-    assert_eq!((events[3]["type"].as_str(), events[3]["code"].as_str()), (Some("error"), Some("server_error")));
+    assert_eq!(
+        (events[3]["type"].as_str(), events[3]["code"].as_str()),
+        (Some("error"), Some("server_error"))
+    );
 
-    let r = client.post(&url).json(&json!({"model": "gpt-test"})).send().await.unwrap();
+    let r = client
+        .post(&url)
+        .json(&json!({"model": "gpt-test"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 }
 
@@ -470,18 +659,48 @@ async fn control_api_over_http() {
     let m = mock().await;
     let client = reqwest::Client::new();
     let base = format!("http://{}/__mock", m.addr);
-    let r = client.post(format!("{base}/faults")).json(&json!({"fault": "explode"})).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/faults"))
+        .json(&json!({"fault": "explode"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
-    let r = client.post(format!("{base}/faults")).json(&json!({"fault": "close 1012"})).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/faults"))
+        .json(&json!({"fault": "close 1012"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
     send(&mut ws, &create("gpt-test", "x")).await;
-    assert_eq!(read_until_end(&mut ws).await.1, Some(Frame::Closed(Some(1012))));
-    let log: Value = client.get(format!("{base}/log")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        read_until_end(&mut ws).await.1,
+        Some(Frame::Closed(Some(1012)))
+    );
+    let log: Value = client
+        .get(format!("{base}/log"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(log["upgrades"].as_array().unwrap().len(), 1);
-    assert_eq!(log["requests"][0]["body"]["input"][0]["content"][0]["text"], "x");
+    assert_eq!(
+        log["requests"][0]["body"]["input"][0]["content"][0]["text"],
+        "x"
+    );
     client.post(format!("{base}/reset")).send().await.unwrap();
-    let log: Value = client.get(format!("{base}/log")).send().await.unwrap().json().await.unwrap();
+    let log: Value = client
+        .get(format!("{base}/log"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(log["requests"], json!([]));
 }
 
@@ -492,7 +711,10 @@ async fn mock_streams_match_fixture_shapes() {
     let mut ws = ws_connect(&ws_url(&m), "k1").await;
     let cases = [
         ("text", "hello [[mock:text 9]]"),
-        ("function_call", r#"[[mock:tool exec_command {"cmd":"echo hi"}]]"#),
+        (
+            "function_call",
+            r#"[[mock:tool exec_command {"cmd":"echo hi"}]]"#,
+        ),
         ("reasoning", "[[mock:reason]] think"),
     ];
     for (fixture, prompt) in cases {
@@ -501,16 +723,31 @@ async fn mock_streams_match_fixture_shapes() {
         let recorded = switchyard::mock::fixtures::load(fixture).unwrap();
         for e in &events {
             let t = e["type"].as_str().unwrap();
-            let Some(r) = recorded.iter().find(|r| r["type"] == t) else { continue };
+            let Some(r) = recorded.iter().find(|r| r["type"] == t) else {
+                continue;
+            };
             assert_eq!(keys(e), keys(r), "{fixture}: keys of {t}");
             if let (Some(a), Some(b)) = (e.get("response"), r.get("response")) {
-                let missing: Vec<_> = keys(a).into_iter().filter(|k| !keys(b).contains(k)).collect();
-                assert!(missing.is_empty(), "{fixture}: {t} response keys unknown to the fixture: {missing:?}");
+                let missing: Vec<_> = keys(a)
+                    .into_iter()
+                    .filter(|k| !keys(b).contains(k))
+                    .collect();
+                assert!(
+                    missing.is_empty(),
+                    "{fixture}: {t} response keys unknown to the fixture: {missing:?}"
+                );
             }
         }
-        let recorded_types: std::collections::BTreeSet<_> = recorded.iter().map(|r| r["type"].as_str().unwrap()).collect();
-        let seen: std::collections::BTreeSet<_> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
-        assert!(seen.is_subset(&recorded_types), "{fixture}: {seen:?} vs {recorded_types:?}");
+        let recorded_types: std::collections::BTreeSet<_> = recorded
+            .iter()
+            .map(|r| r["type"].as_str().unwrap())
+            .collect();
+        let seen: std::collections::BTreeSet<_> =
+            events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert!(
+            seen.is_subset(&recorded_types),
+            "{fixture}: {seen:?} vs {recorded_types:?}"
+        );
     }
 }
 
@@ -523,7 +760,9 @@ fn mock_upstream_command_serves_on_the_given_address() {
         .spawn()
         .expect("spawn");
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let addr = line.split_whitespace().nth(4).expect("address").to_string();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let outcome = rt.block_on(async {
@@ -532,11 +771,14 @@ fn mock_upstream_command_serves_on_the_given_address() {
         read_turn(&mut ws).await
     });
     let _ = child.kill();
+    let _ = child.wait();
     assert_eq!(outcome.last().unwrap()["type"], "response.completed");
 }
 
 fn keys(v: &Value) -> std::collections::BTreeSet<String> {
-    v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
+    v.as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
 }
 
 fn parse_sse(body: &str) -> Vec<Value> {

@@ -59,8 +59,16 @@ pub type ConnCache = Option<Arc<Stored>>;
 
 /// Validates `req` and plans its answer. `cache` is the connection's most recent response
 /// (WebSocket only); `account` is the caller's mock account.
-pub fn plan(state: &MockState, account: &str, cache: &ConnCache, req: &Value) -> Result<Plan, ApiError> {
-    let model = req.get("model").and_then(Value::as_str).filter(|m| !m.is_empty());
+pub fn plan(
+    state: &MockState,
+    account: &str,
+    cache: &ConnCache,
+    req: &Value,
+) -> Result<Plan, ApiError> {
+    let model = req
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty());
     let Some(model) = model else {
         return Err(ApiError::invalid(
             Some("missing_required_parameter"),
@@ -82,13 +90,24 @@ pub fn plan(state: &MockState, account: &str, cache: &ConnCache, req: &Value) ->
         request: req.clone(),
     };
     let generate = req.get("generate").and_then(Value::as_bool).unwrap_or(true);
-    let outputs = if generate { decide_outputs(state, account, &directives, &new_items) } else { Vec::new() };
+    let outputs = if generate {
+        decide_outputs(state, account, &directives, &new_items)
+    } else {
+        Vec::new()
+    };
     let input_tokens = div_ceil(input_bytes, 4);
     let cached = ((cached_bytes / 4) as u64).min(input_tokens);
     let events = if let Some(name) = directives.fixture.as_deref().filter(|_| generate) {
-        let prev = req.get("previous_response_id").cloned().unwrap_or(Value::Null);
+        let prev = req
+            .get("previous_response_id")
+            .cloned()
+            .unwrap_or(Value::Null);
         super::fixtures::replay(name, &head.id, &prev).ok_or_else(|| {
-            ApiError::invalid(None, format!("mock: unknown fixture {name:?}"), Some("input"))
+            ApiError::invalid(
+                None,
+                format!("mock: unknown fixture {name:?}"),
+                Some("input"),
+            )
         })?
     } else {
         build_events(&head, &outputs, input_tokens, cached, generate)
@@ -99,7 +118,11 @@ pub fn plan(state: &MockState, account: &str, cache: &ConnCache, req: &Value) ->
         response_id: head.id.clone(),
         events,
         directives,
-        stored: Arc::new(Stored { id: head.id, account: account.to_string(), items: context }),
+        stored: Arc::new(Stored {
+            id: head.id,
+            account: account.to_string(),
+            items: context,
+        }),
         store,
     })
 }
@@ -116,9 +139,15 @@ fn div_ceil(n: usize, d: usize) -> u64 {
 fn normalize_input(input: Option<&Value>) -> Result<Vec<Value>, ApiError> {
     match input {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::String(s)) => Ok(vec![json!({"type": "message", "role": "user", "content": s})]),
+        Some(Value::String(s)) => Ok(vec![
+            json!({"type": "message", "role": "user", "content": s}),
+        ]),
         Some(Value::Array(items)) => Ok(items.clone()),
-        Some(_) => Err(ApiError::invalid(None, "Invalid type for 'input'.".into(), Some("input"))),
+        Some(_) => Err(ApiError::invalid(
+            None,
+            "Invalid type for 'input'.".into(),
+            Some("input"),
+        )),
     }
 }
 
@@ -149,7 +178,12 @@ fn resolve_previous(
 
 /// The service's item rules: tool outputs need their call, encrypted reasoning verifies only
 /// on its own account, and a function call sent with its id needs its preceding reasoning.
-fn check_items(state: &MockState, account: &str, context: &[Value], new_items: &[Value]) -> Result<(), ApiError> {
+fn check_items(
+    state: &MockState,
+    account: &str,
+    context: &[Value],
+    new_items: &[Value],
+) -> Result<(), ApiError> {
     let mut seen: Vec<&Value> = context.iter().collect();
     for item in new_items {
         match item.get("type").and_then(Value::as_str) {
@@ -162,7 +196,9 @@ fn check_items(state: &MockState, account: &str, context: &[Value], new_items: &
                 if !has_call {
                     return Err(ApiError::invalid(
                         None,
-                        format!("No tool call found for function call output with call_id {call_id}."),
+                        format!(
+                            "No tool call found for function call output with call_id {call_id}."
+                        ),
                         Some("input"),
                     ));
                 }
@@ -191,14 +227,21 @@ fn verify_reasoning(account: &str, item: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_call_has_reasoning(state: &MockState, seen: &[&Value], item: &Value) -> Result<(), ApiError> {
+fn check_call_has_reasoning(
+    state: &MockState,
+    seen: &[&Value],
+    item: &Value,
+) -> Result<(), ApiError> {
     let Some(id) = item.get("id").and_then(Value::as_str) else {
         return Ok(());
     };
     let Some(rs) = state.reasoning_parent(id) else {
         return Ok(());
     };
-    if seen.iter().any(|i| i.get("id").and_then(Value::as_str) == Some(rs.as_str())) {
+    if seen
+        .iter()
+        .any(|i| i.get("id").and_then(Value::as_str) == Some(rs.as_str()))
+    {
         return Ok(());
     }
     Err(ApiError::invalid(
@@ -221,14 +264,18 @@ pub fn seal(account: &str, item_id: &str) -> String {
 /// The directives of a request: those in its last user message.
 pub fn request_directives(req: &Value) -> Directives {
     let items = normalize_input(req.get("input")).unwrap_or_default();
-    last_user_text(&items).map(|t| parse_directives(&t)).unwrap_or_default()
+    last_user_text(&items)
+        .map(|t| parse_directives(&t))
+        .unwrap_or_default()
 }
 
 /// Text of the last user message among the new items.
 fn last_user_text(items: &[Value]) -> Option<String> {
     let msg = items.iter().rev().find(|i| {
         i.get("role").and_then(Value::as_str) == Some("user")
-            && i.get("type").and_then(Value::as_str).is_none_or(|t| t == "message")
+            && i.get("type")
+                .and_then(Value::as_str)
+                .is_none_or(|t| t == "message")
     })?;
     Some(match msg.get("content") {
         Some(Value::String(s)) => s.clone(),
@@ -242,9 +289,15 @@ fn last_user_text(items: &[Value]) -> Option<String> {
 }
 
 /// Chooses the output items: a tool output is answered with text; otherwise the directives.
-fn decide_outputs(state: &MockState, account: &str, d: &Directives, new_items: &[Value]) -> Vec<OutputSpec> {
+fn decide_outputs(
+    state: &MockState,
+    account: &str,
+    d: &Directives,
+    new_items: &[Value],
+) -> Vec<OutputSpec> {
     let last = new_items.last();
-    let after_tool = last.and_then(|i| i.get("type")).and_then(Value::as_str) == Some("function_call_output");
+    let after_tool =
+        last.and_then(|i| i.get("type")).and_then(Value::as_str) == Some("function_call_output");
     let mut out = Vec::new();
     if d.reason {
         let id = new_id("rs");
@@ -267,7 +320,10 @@ fn decide_outputs(state: &MockState, account: &str, d: &Directives, new_items: &
                 arguments: args.clone(),
             });
         }
-        _ => out.push(OutputSpec::Message { id: new_id("msg"), text: answer_text(d, last, after_tool) }),
+        _ => out.push(OutputSpec::Message {
+            id: new_id("msg"),
+            text: answer_text(d, last, after_tool),
+        }),
     }
     out
 }
@@ -282,14 +338,23 @@ fn answer_text(d: &Directives, last: Option<&Value>, after_tool: bool) -> String
         return format!("The tool returned: {}", output.trim());
     }
     match d.words {
-        Some(n) => (1..=n).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" "),
+        Some(n) => (1..=n)
+            .map(|i| format!("word{i}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         None => "Hello from the mock upstream. This answer is streamed in small deltas.".into(),
     }
 }
 
 /// The lifecycle events, every item's events, and the terminal `response.completed`; a
 /// warm-up (`generate:false`) is only `response.created` + `response.completed`.
-fn build_events(head: &ResponseHead, outputs: &[OutputSpec], input_tokens: u64, cached: u64, generate: bool) -> Vec<Value> {
+fn build_events(
+    head: &ResponseHead,
+    outputs: &[OutputSpec],
+    input_tokens: u64,
+    cached: u64,
+    generate: bool,
+) -> Vec<Value> {
     let mut sink = EventSink::new();
     let lifecycle = head.object("in_progress", vec![], Value::Null);
     sink.push(json!({"type": "response.created", "response": lifecycle}));
@@ -302,13 +367,19 @@ fn build_events(head: &ResponseHead, outputs: &[OutputSpec], input_tokens: u64, 
         item_events(&mut sink, spec, i);
         match spec {
             OutputSpec::Message { text, .. } => out_bytes += text.len(),
-            OutputSpec::FunctionCall { arguments, name, .. } => out_bytes += arguments.len() + name.len(),
+            OutputSpec::FunctionCall {
+                arguments, name, ..
+            } => out_bytes += arguments.len() + name.len(),
             OutputSpec::Reasoning { summary, .. } => reasoning += div_ceil(summary.len(), 4) + 8,
         }
     }
     let output_tokens = div_ceil(out_bytes, 4) + reasoning;
     let done: Vec<Value> = outputs.iter().map(OutputSpec::done_item).collect();
-    let final_obj = head.object("completed", done, usage(input_tokens, cached, output_tokens, reasoning));
+    let final_obj = head.object(
+        "completed",
+        done,
+        usage(input_tokens, cached, output_tokens, reasoning),
+    );
     sink.push(json!({"type": "response.completed", "response": final_obj}));
     sink.events
 }

@@ -6,16 +6,32 @@ use serde_json::{json, Value};
 /// One output item the mock decided to produce.
 #[derive(Debug, Clone)]
 pub enum OutputSpec {
-    Reasoning { id: String, summary: String, encrypted_content: String },
-    Message { id: String, text: String },
-    FunctionCall { id: String, call_id: String, name: String, arguments: String },
+    Reasoning {
+        id: String,
+        summary: String,
+        encrypted_content: String,
+    },
+    Message {
+        id: String,
+        text: String,
+    },
+    FunctionCall {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
 }
 
 impl OutputSpec {
     /// The finished item as it appears in `output_item.done` and the terminal response.
     pub fn done_item(&self) -> Value {
         match self {
-            OutputSpec::Reasoning { id, summary, encrypted_content } => json!({
+            OutputSpec::Reasoning {
+                id,
+                summary,
+                encrypted_content,
+            } => json!({
                 "id": id, "type": "reasoning",
                 "summary": [{"type": "summary_text", "text": summary}],
                 "encrypted_content": encrypted_content,
@@ -24,7 +40,12 @@ impl OutputSpec {
                 "id": id, "type": "message", "status": "completed", "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
             }),
-            OutputSpec::FunctionCall { id, call_id, name, arguments } => json!({
+            OutputSpec::FunctionCall {
+                id,
+                call_id,
+                name,
+                arguments,
+            } => json!({
                 "id": id, "type": "function_call", "status": "completed",
                 "call_id": call_id, "name": name, "arguments": arguments,
             }),
@@ -129,19 +150,29 @@ pub fn item_events(sink: &mut EventSink, spec: &OutputSpec, output_index: usize)
     let done = spec.done_item();
     match spec {
         OutputSpec::Reasoning { id, summary, .. } => {
-            sink.push(json!({"type": "response.output_item.added", "output_index": output_index,
-                "item": {"id": id, "type": "reasoning", "summary": []}}));
+            sink.push(
+                json!({"type": "response.output_item.added", "output_index": output_index,
+                "item": {"id": id, "type": "reasoning", "summary": []}}),
+            );
             let part = |text: &str| json!({"type": "summary_text", "text": text});
-            sink.push(json!({"type": "response.reasoning_summary_part.added", "item_id": id,
-                "output_index": output_index, "summary_index": 0, "part": part("")}));
+            sink.push(
+                json!({"type": "response.reasoning_summary_part.added", "item_id": id,
+                "output_index": output_index, "summary_index": 0, "part": part("")}),
+            );
             for d in chunks(summary, 16) {
-                sink.push(json!({"type": "response.reasoning_summary_text.delta", "item_id": id,
-                    "output_index": output_index, "summary_index": 0, "delta": d}));
+                sink.push(
+                    json!({"type": "response.reasoning_summary_text.delta", "item_id": id,
+                    "output_index": output_index, "summary_index": 0, "delta": d}),
+                );
             }
-            sink.push(json!({"type": "response.reasoning_summary_text.done", "item_id": id,
-                "output_index": output_index, "summary_index": 0, "text": summary}));
-            sink.push(json!({"type": "response.reasoning_summary_part.done", "item_id": id,
-                "output_index": output_index, "summary_index": 0, "part": part(summary)}));
+            sink.push(
+                json!({"type": "response.reasoning_summary_text.done", "item_id": id,
+                "output_index": output_index, "summary_index": 0, "text": summary}),
+            );
+            sink.push(
+                json!({"type": "response.reasoning_summary_part.done", "item_id": id,
+                "output_index": output_index, "summary_index": 0, "part": part(summary)}),
+            );
         }
         OutputSpec::Message { id, text } => {
             sink.push(json!({"type": "response.output_item.added", "output_index": output_index,
@@ -158,19 +189,32 @@ pub fn item_events(sink: &mut EventSink, spec: &OutputSpec, output_index: usize)
             sink.push(json!({"type": "response.content_part.done", "item_id": id,
                 "output_index": output_index, "content_index": 0, "part": part(text)}));
         }
-        OutputSpec::FunctionCall { id, call_id, name, arguments } => {
-            sink.push(json!({"type": "response.output_item.added", "output_index": output_index,
+        OutputSpec::FunctionCall {
+            id,
+            call_id,
+            name,
+            arguments,
+        } => {
+            sink.push(
+                json!({"type": "response.output_item.added", "output_index": output_index,
                 "item": {"id": id, "type": "function_call", "status": "in_progress",
-                         "call_id": call_id, "name": name, "arguments": ""}}));
+                         "call_id": call_id, "name": name, "arguments": ""}}),
+            );
             for d in chunks(arguments, 8) {
-                sink.push(json!({"type": "response.function_call_arguments.delta", "item_id": id,
-                    "output_index": output_index, "delta": d}));
+                sink.push(
+                    json!({"type": "response.function_call_arguments.delta", "item_id": id,
+                    "output_index": output_index, "delta": d}),
+                );
             }
-            sink.push(json!({"type": "response.function_call_arguments.done", "item_id": id,
-                "output_index": output_index, "arguments": arguments}));
+            sink.push(
+                json!({"type": "response.function_call_arguments.done", "item_id": id,
+                "output_index": output_index, "arguments": arguments}),
+            );
         }
     }
-    sink.push(json!({"type": "response.output_item.done", "output_index": output_index, "item": done}));
+    sink.push(
+        json!({"type": "response.output_item.done", "output_index": output_index, "item": done}),
+    );
 }
 
 #[cfg(test)]
@@ -188,11 +232,17 @@ mod tests {
     #[test]
     fn sequence_numbers_are_consecutive() {
         let mut sink = EventSink::new();
-        let spec = OutputSpec::Message { id: "msg_1".into(), text: "hello there, friend".into() };
+        let spec = OutputSpec::Message {
+            id: "msg_1".into(),
+            text: "hello there, friend".into(),
+        };
         item_events(&mut sink, &spec, 0);
         for (i, e) in sink.events.iter().enumerate() {
             assert_eq!(e["sequence_number"], i);
         }
-        assert_eq!(sink.events.last().map(|e| e["type"].clone()), Some(json!("response.output_item.done")));
+        assert_eq!(
+            sink.events.last().map(|e| e["type"].clone()),
+            Some(json!("response.output_item.done"))
+        );
     }
 }

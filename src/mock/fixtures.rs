@@ -5,11 +5,23 @@ use serde_json::Value;
 
 const FIXTURES: &[(&str, &str)] = &[
     ("text", include_str!("../../proto-fixtures/text.jsonl")),
-    ("function_call", include_str!("../../proto-fixtures/function_call.jsonl")),
-    ("function_call_output_answer", include_str!("../../proto-fixtures/function_call_output_answer.jsonl")),
-    ("reasoning", include_str!("../../proto-fixtures/reasoning.jsonl")),
+    (
+        "function_call",
+        include_str!("../../proto-fixtures/function_call.jsonl"),
+    ),
+    (
+        "function_call_output_answer",
+        include_str!("../../proto-fixtures/function_call_output_answer.jsonl"),
+    ),
+    (
+        "reasoning",
+        include_str!("../../proto-fixtures/reasoning.jsonl"),
+    ),
     ("failed", include_str!("../../proto-fixtures/failed.jsonl")),
-    ("incomplete", include_str!("../../proto-fixtures/incomplete.jsonl")),
+    (
+        "incomplete",
+        include_str!("../../proto-fixtures/incomplete.jsonl"),
+    ),
     ("error", include_str!("../../proto-fixtures/error.jsonl")),
 ];
 
@@ -52,7 +64,10 @@ mod tests {
             let events = load(name).unwrap_or_else(|| panic!("{name} does not parse"));
             let last = events.last().and_then(|e| e["type"].as_str()).unwrap_or("");
             assert!(
-                matches!(last, "response.completed" | "response.failed" | "response.incomplete" | "error"),
+                matches!(
+                    last,
+                    "response.completed" | "response.failed" | "response.incomplete" | "error"
+                ),
                 "{name} ends with {last}"
             );
         }
@@ -61,6 +76,8 @@ mod tests {
     #[test]
     fn replay_rewrites_the_response_id() {
         let events = replay("failed", "resp_new", &Value::Null).expect("fixture");
-        assert!(events.iter().all(|e| e.pointer("/response/id").is_none_or(|id| id == "resp_new")));
+        assert!(events
+            .iter()
+            .all(|e| e.pointer("/response/id").is_none_or(|id| id == "resp_new")));
     }
 }

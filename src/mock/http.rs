@@ -31,7 +31,13 @@ pub async fn create(state: Arc<MockState>, account: String, body: Bytes) -> Resp
             return error_response(&e);
         }
     };
-    state.with_log(|l| l.requests.push(SeenRequest { conn: 0, account: account.clone(), body: req.clone() }));
+    state.with_log(|l| {
+        l.requests.push(SeenRequest {
+            conn: 0,
+            account: account.clone(),
+            body: req.clone(),
+        })
+    });
     let directives = engine::request_directives(&req);
     let fault = state.take_fault(directives.fault.as_ref());
     let plan = match engine::plan(&state, &account, &None, &req) {
@@ -53,7 +59,9 @@ pub fn error_response(e: &ApiError) -> Response {
 /// Non-streaming: the terminal event's `response` object, or the fault's error status.
 async fn json_response(state: &MockState, plan: Plan, fault: Option<Fault>) -> Response {
     match fault.map(|f| f.kind) {
-        Some(FaultKind::Error { status, code }) => return error_response(&status_error(status, &code)),
+        Some(FaultKind::Error { status, code }) => {
+            return error_response(&status_error(status, &code))
+        }
         Some(FaultKind::Stall) => std::future::pending::<()>().await,
         Some(FaultKind::Close(_)) | Some(FaultKind::Eof) => {
             return (StatusCode::BAD_GATEWAY, "mock fault: connection dropped").into_response()
@@ -68,15 +76,27 @@ async fn json_response(state: &MockState, plan: Plan, fault: Option<Fault>) -> R
         Some(r) => axum::Json(r.clone()).into_response(),
         None => {
             // A replayed `error` fixture: the API answers such errors with a 500 body.
-            let code = last.get("code").and_then(Value::as_str).unwrap_or("server_error");
+            let code = last
+                .get("code")
+                .and_then(Value::as_str)
+                .unwrap_or("server_error");
             error_response(&status_error(500, code))
         }
     }
 }
 
 fn remember(state: &MockState, plan: &Plan) {
-    let terminal = plan.events.last().and_then(|e| e.get("type")).and_then(Value::as_str);
-    if plan.store && matches!(terminal, Some("response.completed") | Some("response.incomplete")) {
+    let terminal = plan
+        .events
+        .last()
+        .and_then(|e| e.get("type"))
+        .and_then(Value::as_str);
+    if plan.store
+        && matches!(
+            terminal,
+            Some("response.completed") | Some("response.incomplete")
+        )
+    {
         state.store(plan.stored.clone());
     }
 }
@@ -129,7 +149,8 @@ async fn pump_sse(tx: &SseTx, plan: &Plan, fault: Option<Fault>) -> (usize, &'st
                     return (i, "fault");
                 }
                 FaultKind::Error { code, .. } => {
-                    let data = sse_error(code, &format!("mock fault: {code}"), None, i as u64).to_string();
+                    let data =
+                        sse_error(code, &format!("mock fault: {code}"), None, i as u64).to_string();
                     let _ = tx.send(Ok(Bytes::from(sse_event("error", &data)))).await;
                     return (i, "error");
                 }
@@ -142,7 +163,10 @@ async fn pump_sse(tx: &SseTx, plan: &Plan, fault: Option<Fault>) -> (usize, &'st
                 _ = tx.closed() => return (i, "client_closed"),
             }
         }
-        let kind = event.get("type").and_then(Value::as_str).unwrap_or("message");
+        let kind = event
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("message");
         let frame = sse_event(kind, &event.to_string());
         if tx.send(Ok(Bytes::from(frame))).await.is_err() {
             return (i, "client_closed");

@@ -51,7 +51,10 @@ pub struct MockOptions {
 
 impl Default for MockOptions {
     fn default() -> Self {
-        MockOptions { max_age: Duration::from_secs(3600), api_keys: Vec::new() }
+        MockOptions {
+            max_age: Duration::from_secs(3600),
+            api_keys: Vec::new(),
+        }
     }
 }
 
@@ -71,7 +74,9 @@ impl MockUpstream {
 
     /// Serves a mock on an already bound listener.
     pub fn serve(listener: tokio::net::TcpListener, opts: MockOptions) -> MockUpstream {
-        let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         let state = Arc::new(MockState::new(opts));
         let app = router(state.clone());
         let task = tokio::spawn(async move {
@@ -100,7 +105,10 @@ impl MockUpstream {
 
     /// Queues a refusal of the next WebSocket upgrade.
     pub fn push_handshake(&self, status: u16, retry_after: Option<&str>) {
-        self.state.push_handshake(HandshakeFault { status, retry_after: retry_after.map(str::to_string) });
+        self.state.push_handshake(HandshakeFault {
+            status,
+            retry_after: retry_after.map(str::to_string),
+        });
     }
 
     /// Every connection forgets its cached response (as after an upstream restart).
@@ -119,7 +127,11 @@ impl Drop for MockUpstream {
 pub async fn run_standalone(listen: SocketAddr, opts: MockOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let mock = MockUpstream::serve(listener, opts);
-    println!("mock upstream listening on {} (base_url {})", mock.addr, mock.base_url());
+    println!(
+        "mock upstream listening on {} (base_url {})",
+        mock.addr,
+        mock.base_url()
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
@@ -155,7 +167,12 @@ fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, Json(body)).into_response()
 }
 
-async fn upgrade(State(state): Shared, uri: OriginalUri, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(state): Shared,
+    uri: OriginalUri,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
     if let Some(f) = state.take_handshake() {
         state.with_log(|l| l.refused_upgrades += 1);
         return handshake_refusal(&f);
@@ -171,7 +188,13 @@ async fn upgrade(State(state): Shared, uri: OriginalUri, headers: HeaderMap, ws:
         .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     let path = uri.0.path().to_string();
-    state.with_log(|l| l.upgrades.push(state::SeenUpgrade { conn, path, headers: seen }));
+    state.with_log(|l| {
+        l.upgrades.push(state::SeenUpgrade {
+            conn,
+            path,
+            headers: seen,
+        })
+    });
     ws.on_upgrade(move |socket| ws::serve_socket(state, socket, conn, account))
 }
 

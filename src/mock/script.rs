@@ -66,12 +66,19 @@ impl Fault {
                 positional.push(w);
             }
         }
-        let arg = |i: usize| positional.get(i).copied().ok_or(format!("{verb}: missing argument"));
+        let arg = |i: usize| {
+            positional
+                .get(i)
+                .copied()
+                .ok_or(format!("{verb}: missing argument"))
+        };
         let kind = match verb {
             "close" => FaultKind::Close(arg(0)?.parse().map_err(|e| format!("close: {e}"))?),
             "eof" => FaultKind::Eof,
             "stall" => FaultKind::Stall,
-            "slow" => FaultKind::Slow(humantime::parse_duration(arg(0)?).map_err(|e| e.to_string())?),
+            "slow" => {
+                FaultKind::Slow(humantime::parse_duration(arg(0)?).map_err(|e| e.to_string())?)
+            }
             "error" => FaultKind::Error {
                 status: arg(0)?.parse().map_err(|e| format!("error: {e}"))?,
                 code: arg(1)?.to_string(),
@@ -129,12 +136,17 @@ mod tests {
     #[test]
     fn parses_tool_with_json_args() {
         let d = parse_directives(r#"please [[mock:tool exec_command {"cmd":"echo hi"}]] now"#);
-        assert_eq!(d.tool, Some(("exec_command".into(), r#"{"cmd":"echo hi"}"#.into())));
+        assert_eq!(
+            d.tool,
+            Some(("exec_command".into(), r#"{"cmd":"echo hi"}"#.into()))
+        );
     }
 
     #[test]
     fn parses_several_directives() {
-        let d = parse_directives("[[mock:reason]] [[mock:text 7]] [[mock:fault close 1012 after=3 once=x]]");
+        let d = parse_directives(
+            "[[mock:reason]] [[mock:text 7]] [[mock:fault close 1012 after=3 once=x]]",
+        );
         assert!(d.reason);
         assert_eq!(d.words, Some(7));
         let f = d.fault.expect("fault");
@@ -149,12 +161,18 @@ mod tests {
         assert_eq!(Fault::parse("slow 5ms").map(|f| f.after), Ok(0));
         assert_eq!(
             Fault::parse("error 429 rate_limit_exceeded").map(|f| f.kind),
-            Ok(FaultKind::Error { status: 429, code: "rate_limit_exceeded".into() })
+            Ok(FaultKind::Error {
+                status: 429,
+                code: "rate_limit_exceeded".into()
+            })
         );
     }
 
     #[test]
     fn malformed_directives_are_ignored() {
-        assert_eq!(parse_directives("[[mock:fault explode]] [[mock:text x]] [[mock:"), Directives::default());
+        assert_eq!(
+            parse_directives("[[mock:fault explode]] [[mock:text x]] [[mock:"),
+            Directives::default()
+        );
     }
 }

@@ -105,7 +105,10 @@ impl MockState {
         }
         if self.opts.api_keys.is_empty() || self.opts.api_keys.iter().any(|k| k == key) {
             // The account name is a digest prefix: keys never appear in the log.
-            Some(format!("acct_{}", &super::engine::seal(key, "account")[5..17]))
+            Some(format!(
+                "acct_{}",
+                &super::engine::seal(key, "account")[5..17]
+            ))
         } else {
             None
         }
@@ -124,7 +127,9 @@ impl MockState {
     }
 
     pub fn set_reasoning_parent(&self, call_item_id: &str, reasoning_id: &str) {
-        self.reasoning_parents.lock().insert(call_item_id.into(), reasoning_id.into());
+        self.reasoning_parents
+            .lock()
+            .insert(call_item_id.into(), reasoning_id.into());
     }
 
     /// The fault for a request: a queued one first, else the request's own directive unless

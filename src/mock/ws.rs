@@ -59,7 +59,16 @@ pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, acc
         gone.cancel();
     });
     let epoch = state.forget_epoch.load(Ordering::Relaxed);
-    let mut conn = Conn { id, account, cache: None, epoch, started: Instant::now(), sink, client_gone, state };
+    let mut conn = Conn {
+        id,
+        account,
+        cache: None,
+        epoch,
+        started: Instant::now(),
+        sink,
+        client_gone,
+        state,
+    };
     let flow = loop {
         let text = tokio::select! {
             t = rx.recv() => t,
@@ -72,7 +81,10 @@ pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, acc
         }
     };
     if let Flow::Close(code, reason) = flow {
-        let frame = CloseFrame { code, reason: reason.into() };
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
         let _ = conn.sink.send(Message::Close(Some(frame))).await;
     }
     reader.abort();
@@ -80,7 +92,10 @@ pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, acc
 
 impl Conn {
     async fn send(&mut self, v: &Value) -> bool {
-        self.sink.send(Message::Text(v.to_string().into())).await.is_ok()
+        self.sink
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .is_ok()
     }
 
     async fn handle(&mut self, text: &str) -> Flow {
@@ -91,17 +106,33 @@ impl Conn {
         }
         let req: Value = match serde_json::from_str(text) {
             Ok(v @ Value::Object(_)) => v,
-            _ => return self.refuse(invalid("invalid_json", "The message is not a JSON object.", None)).await,
+            _ => {
+                return self
+                    .refuse(invalid(
+                        "invalid_json",
+                        "The message is not a JSON object.",
+                        None,
+                    ))
+                    .await
+            }
         };
         match req.get("type").and_then(Value::as_str) {
             Some("response.create") | None => {}
             Some(other) => {
-                let e = invalid("unsupported_event_type", &format!("Unsupported event type '{other}'."), Some("type"));
+                let e = invalid(
+                    "unsupported_event_type",
+                    &format!("Unsupported event type '{other}'."),
+                    Some("type"),
+                );
                 return self.refuse(e).await;
             }
         }
         self.state.with_log(|l| {
-            l.requests.push(SeenRequest { conn: self.id, account: self.account.clone(), body: req.clone() })
+            l.requests.push(SeenRequest {
+                conn: self.id,
+                account: self.account.clone(),
+                body: req.clone(),
+            })
         });
         if self.started.elapsed() >= self.state.opts.max_age {
             let e = invalid(
@@ -113,7 +144,11 @@ impl Conn {
             return Flow::Close(1000, "connection age limit");
         }
         if req.get("background").and_then(Value::as_bool) == Some(true) {
-            let e = invalid("unsupported_parameter", "background is not supported over WebSocket.", Some("background"));
+            let e = invalid(
+                "unsupported_parameter",
+                "background is not supported over WebSocket.",
+                Some("background"),
+            );
             return self.refuse(e).await;
         }
         let directives = engine::request_directives(&req);
@@ -170,7 +205,13 @@ impl Conn {
         } else {
             self.cache = None;
         }
-        let end = StreamEnd { conn: self.id, response_id: plan.response_id, sent, planned, end: outcome.0.into() };
+        let end = StreamEnd {
+            conn: self.id,
+            response_id: plan.response_id,
+            sent,
+            planned,
+            end: outcome.0.into(),
+        };
         self.state.with_log(|l| l.stream_ends.push(end));
         outcome.1
     }
@@ -201,7 +242,11 @@ impl Conn {
     /// After a terminal event: completed/incomplete responses become the connection's cache
     /// (and are stored when `store` is on); failed ones evict it.
     fn remember(&mut self, plan: &engine::Plan) {
-        let terminal = plan.events.last().and_then(|e| e.get("type")).and_then(Value::as_str);
+        let terminal = plan
+            .events
+            .last()
+            .and_then(|e| e.get("type"))
+            .and_then(Value::as_str);
         match terminal {
             Some("response.completed") | Some("response.incomplete") => {
                 if plan.store {
@@ -219,7 +264,10 @@ fn ws_shape(event: &Value) -> std::borrow::Cow<'_, Value> {
     if event.get("type").and_then(Value::as_str) != Some("error") || event.get("status").is_some() {
         return std::borrow::Cow::Borrowed(event);
     }
-    let code = event.get("code").and_then(Value::as_str).unwrap_or("server_error");
+    let code = event
+        .get("code")
+        .and_then(Value::as_str)
+        .unwrap_or("server_error");
     let status = match code {
         "rate_limit_exceeded" => 429,
         "server_error" => 500,

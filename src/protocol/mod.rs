@@ -1,4 +1,6 @@
 //! Wire shapes shared by the relay and the mock upstream: error frames in their WebSocket and
-//! SSE forms, close codes, and (later) event peeking and request rewriting.
+//! SSE forms, client frame validation, and event peeking.
 
+pub mod client;
 pub mod frames;
+pub mod peek;

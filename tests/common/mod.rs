@@ -29,15 +29,21 @@ pub enum Frame {
 }
 
 /// Opens a WebSocket with `Authorization: Bearer key` and extra headers.
-pub async fn ws_connect_with(url: &str, key: &str, headers: &[(&str, &str)]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+pub async fn ws_connect_with(
+    url: &str,
+    key: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let mut req = url.into_client_request()?;
     if !key.is_empty() {
         let v = HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
         req.headers_mut().insert("authorization", v);
     }
     for (k, v) in headers {
-        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().expect("header name");
-        req.headers_mut().insert(name, HeaderValue::from_str(v).expect("header"));
+        let name: tokio_tungstenite::tungstenite::http::HeaderName =
+            k.parse().expect("header name");
+        req.headers_mut()
+            .insert(name, HeaderValue::from_str(v).expect("header"));
     }
     let (ws, _) = tokio::time::timeout(HANG_GUARD, tokio_tungstenite::connect_async(req))
         .await
@@ -46,21 +52,33 @@ pub async fn ws_connect_with(url: &str, key: &str, headers: &[(&str, &str)]) -> 
 }
 
 pub async fn ws_connect(url: &str, key: &str) -> Ws {
-    ws_connect_with(url, key, &[]).await.expect("websocket connect")
+    ws_connect_with(url, key, &[])
+        .await
+        .expect("websocket connect")
 }
 
 pub async fn send(ws: &mut Ws, v: &Value) {
-    ws.send(Message::Text(v.to_string().into())).await.expect("send");
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send");
 }
 
 /// The next event or end of the socket; pings and pongs are skipped.
 pub async fn next_frame(ws: &mut Ws) -> Frame {
     loop {
-        let msg = tokio::time::timeout(HANG_GUARD, ws.next()).await.expect("hang guard: next frame");
+        let msg = tokio::time::timeout(HANG_GUARD, ws.next())
+            .await
+            .expect("hang guard: next frame");
         return match msg {
-            Some(Ok(Message::Text(t))) => Frame::Event(serde_json::from_str(&t).expect("event is JSON")),
-            Some(Ok(Message::Binary(b))) => Frame::Event(serde_json::from_slice(&b).expect("event is JSON")),
-            Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) | Some(Ok(Message::Frame(_))) => continue,
+            Some(Ok(Message::Text(t))) => {
+                Frame::Event(serde_json::from_str(&t).expect("event is JSON"))
+            }
+            Some(Ok(Message::Binary(b))) => {
+                Frame::Event(serde_json::from_slice(&b).expect("event is JSON"))
+            }
+            Some(Ok(Message::Ping(_)))
+            | Some(Ok(Message::Pong(_)))
+            | Some(Ok(Message::Frame(_))) => continue,
             Some(Ok(Message::Close(frame))) => Frame::Closed(frame.map(|f| u16::from(f.code))),
             Some(Err(_)) | None => Frame::Eof,
         };
@@ -71,7 +89,14 @@ pub async fn next_frame(ws: &mut Ws) -> Frame {
 pub fn is_terminal(e: &Value) -> bool {
     matches!(
         e["type"].as_str(),
-        Some("response.completed" | "response.failed" | "response.incomplete" | "response.done" | "response.cancelled" | "error")
+        Some(
+            "response.completed"
+                | "response.failed"
+                | "response.incomplete"
+                | "response.done"
+                | "response.cancelled"
+                | "error"
+        )
     )
 }
 
@@ -79,7 +104,10 @@ pub fn is_terminal(e: &Value) -> bool {
 /// ends first.
 pub async fn read_turn(ws: &mut Ws) -> Vec<Value> {
     let (events, end) = read_until_end(ws).await;
-    assert!(end.is_none(), "socket ended mid-turn: {end:?} after {events:?}");
+    assert!(
+        end.is_none(),
+        "socket ended mid-turn: {end:?} after {events:?}"
+    );
     events
 }
 
@@ -101,7 +129,10 @@ pub async fn read_until_end(ws: &mut Ws) -> (Vec<Value>, Option<Frame>) {
 }
 
 pub fn types(events: &[Value]) -> Vec<&str> {
-    events.iter().map(|e| e["type"].as_str().unwrap_or("?")).collect()
+    events
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or("?"))
+        .collect()
 }
 
 /// The terminal event's response id.
@@ -123,10 +154,16 @@ pub fn create(model: &str, text: &str) -> Value {
 /// Writes events as JSONL into `$SWITCHYARD_EVENT_DUMP_DIR/NAME.jsonl` (checked by
 /// `scripts/check_events.py` against the official typed models).
 pub fn dump(name: &str, events: &[Value]) {
-    let Ok(dir) = std::env::var("SWITCHYARD_EVENT_DUMP_DIR") else { return };
+    let Ok(dir) = std::env::var("SWITCHYARD_EVENT_DUMP_DIR") else {
+        return;
+    };
     let _ = std::fs::create_dir_all(&dir);
     let text: String = events.iter().map(|e| format!("{e}\n")).collect();
-    std::fs::write(std::path::Path::new(&dir).join(format!("{name}.jsonl")), text).expect("dump");
+    std::fs::write(
+        std::path::Path::new(&dir).join(format!("{name}.jsonl")),
+        text,
+    )
+    .expect("dump");
 }
 
 pub fn close_code(code: u16) -> CloseCode {

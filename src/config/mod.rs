@@ -1,0 +1,363 @@
+//! Typed configuration (SPEC §2): one YAML file, a default for every key, unknown keys refused.
+//!
+//! Loading runs two passes so the operator sees every mistake at once, each with its path in the
+//! file (OP-4). `parse` deserializes with serde — the structs below, with `deny_unknown_fields`,
+//! are the only list of key names — pruning each bad node and retrying. `validate` then checks
+//! meaning (ranges, credentials, URLs, duplicates) and resolves secrets (`*_env`, key digests),
+//! so a loaded `Config` is ready to use and nothing reads the environment later.
+//!
+//! A key is added here when its behaviour lands, never before (SPEC §2).
+
+mod error;
+mod parse;
+#[cfg(test)]
+mod tests;
+mod validate;
+mod value;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use value::{AccountMode, Secret};
+
+/// The whole config file. `Config::default()` is what an empty file means.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping of settings")]
+pub struct Config {
+    /// Client listener: WS, HTTP, health and metrics.
+    pub listen: SocketAddr,
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub ingress: IngressConfig,
+    /// The relay's own API keys, presented by clients.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub keys: Vec<KeyConfig>,
+    /// Upstream accounts turns are scheduled onto.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub accounts: Vec<AccountConfig>,
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub limits: LimitsConfig,
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub session: SessionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            ingress: IngressConfig::default(),
+            keys: Vec::new(),
+            accounts: Vec::new(),
+            limits: LimitsConfig::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+/// Which client protocols are accepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of ingress settings"
+)]
+pub struct IngressConfig {
+    /// `false` answers every upgrade with 426 so clients fall back to HTTP (WS-3).
+    pub websocket: bool,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        IngressConfig { websocket: true }
+    }
+}
+
+/// One client API key. The key itself is kept only as its SHA-256 digest, so the running relay
+/// never holds (or logs) the plaintext and `key_sha256` entries work the same as literal ones.
+#[derive(Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a key entry (id, key | key_env | key_sha256)"
+)]
+pub struct KeyConfig {
+    /// Names the key in logs, usage records and the admin API.
+    pub id: String,
+    key: Option<Secret>,
+    key_env: Option<String>,
+    key_sha256: Option<String>,
+    /// A disabled key is still recognised (so the refusal can say why) but not admitted.
+    pub disabled: bool,
+    /// `false` refuses this key's WebSocket upgrades; its HTTP requests still work.
+    pub websocket: bool,
+    #[serde(skip)]
+    digest: [u8; 32],
+}
+
+impl Default for KeyConfig {
+    fn default() -> Self {
+        KeyConfig {
+            id: String::new(),
+            key: None,
+            key_env: None,
+            key_sha256: None,
+            disabled: false,
+            websocket: true,
+            digest: [0; 32],
+        }
+    }
+}
+
+impl KeyConfig {
+    /// A key given literally, for configs built in code (tests, embedded defaults).
+    pub fn new(id: impl Into<String>, key: impl Into<String>) -> Self {
+        let key = Secret::new(key);
+        KeyConfig {
+            id: id.into(),
+            digest: sha256(key.expose()),
+            key: Some(key),
+            ..KeyConfig::default()
+        }
+    }
+
+    /// SHA-256 of the key, the only form the relay compares.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
+impl fmt::Debug for KeyConfig {
+    // Hand-written so neither the key nor its digest (brute-forceable if the key is weak) is
+    // printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyConfig")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("key_env", &self.key_env)
+            .field("key_sha256", &self.key_sha256.as_ref().map(|_| "***"))
+            .field("disabled", &self.disabled)
+            .field("websocket", &self.websocket)
+            .finish()
+    }
+}
+
+/// One upstream account.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "an account entry (id, base_url, api_key | api_key_env, ...)"
+)]
+pub struct AccountConfig {
+    /// Names the account in logs, metrics, usage records and the admin API.
+    pub id: String,
+    /// e.g. `https://api.openai.com/v1`; `/responses` is appended (see `ws_url`, `http_url`).
+    pub base_url: String,
+    api_key: Option<Secret>,
+    api_key_env: Option<String>,
+    pub mode: AccountMode,
+    /// Models this account serves: exact names, prefixes ending in `*`, or `*` for all.
+    pub models: Vec<String>,
+    /// Upper bound on upstream WebSocket contexts held open for this account.
+    pub max_conns: usize,
+    /// Extra headers sent upstream; names the relay sets itself are refused at load.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(skip)]
+    resolved_api_key: Secret,
+}
+
+impl Default for AccountConfig {
+    fn default() -> Self {
+        AccountConfig {
+            id: String::new(),
+            base_url: String::new(),
+            api_key: None,
+            api_key_env: None,
+            mode: AccountMode::default(),
+            models: vec!["*".to_owned()],
+            max_conns: 16,
+            headers: BTreeMap::new(),
+            resolved_api_key: Secret::default(),
+        }
+    }
+}
+
+impl AccountConfig {
+    /// An account with a literal key and every other field at its default, for configs built in
+    /// code (tests, embedded defaults).
+    pub fn new(
+        id: impl Into<String>,
+        base_url: impl Into<String>,
+        api_key: impl Into<String>,
+    ) -> Self {
+        let api_key = Secret::new(api_key);
+        AccountConfig {
+            id: id.into(),
+            base_url: base_url.into(),
+            resolved_api_key: api_key.clone(),
+            api_key: Some(api_key),
+            ..AccountConfig::default()
+        }
+    }
+
+    /// The upstream API key, whichever way the file gave it (`api_key` or `api_key_env`).
+    pub fn api_key(&self) -> &Secret {
+        &self.resolved_api_key
+    }
+
+    /// The upstream WebSocket URL: `base_url` + `/responses`, `http`→`ws`, `https`→`wss`, which is
+    /// how Codex derives it (SPEC §2).
+    pub fn ws_url(&self) -> String {
+        match split_scheme(&self.base_url) {
+            Some((true, rest)) => format!("wss://{}/responses", rest.trim_end_matches('/')),
+            Some((false, rest)) => format!("ws://{}/responses", rest.trim_end_matches('/')),
+            None => format!("{}/responses", self.base_url.trim_end_matches('/')),
+        }
+    }
+
+    /// The upstream HTTP URL: `base_url` + `/responses`.
+    pub fn http_url(&self) -> String {
+        match split_scheme(&self.base_url) {
+            Some((true, rest)) => format!("https://{}/responses", rest.trim_end_matches('/')),
+            Some((false, rest)) => format!("http://{}/responses", rest.trim_end_matches('/')),
+            None => format!("{}/responses", self.base_url.trim_end_matches('/')),
+        }
+    }
+
+    /// Whether `model` matches an entry of `models` (exact, `prefix*`, or `*`).
+    pub fn serves_model(&self, model: &str) -> bool {
+        self.models.iter().any(|m| match m.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => m == model,
+        })
+    }
+}
+
+/// Splits `http://` / `https://` (any case) off a URL: `(is_tls, rest)`.
+pub(crate) fn split_scheme(url: &str) -> Option<(bool, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme.eq_ignore_ascii_case("https") {
+        Some((true, rest))
+    } else if scheme.eq_ignore_ascii_case("http") {
+        Some((false, rest))
+    } else {
+        None
+    }
+}
+
+/// Size limits on what clients send.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping of limits")]
+pub struct LimitsConfig {
+    /// Largest client frame or request body in bytes (WS-6). Codex sends whole transcripts, so
+    /// the default is generous.
+    pub max_client_message_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_client_message_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Per-session timing and buffering.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of session settings"
+)]
+pub struct SessionConfig {
+    /// How often the relay pings the client socket (WS-8).
+    #[serde(deserialize_with = "value::duration")]
+    pub client_ping_interval: Duration,
+    /// No pong for this long closes the client socket (WS-8).
+    #[serde(deserialize_with = "value::duration")]
+    pub client_idle_timeout: Duration,
+    /// Errors held back during a turn; one more closes the socket with 1008 (§3).
+    pub max_held_errors: usize,
+    /// Events buffered between the upstream reader and the client writer (TP-2).
+    pub pump_channel: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            client_ping_interval: Duration::from_secs(20),
+            client_idle_timeout: Duration::from_secs(60),
+            max_held_errors: 16,
+            pump_channel: 64,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, reporting every error with its path.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
+        Config::from_yaml_str(&text)
+    }
+
+    /// Parses and validates YAML text; `*_env` names are looked up in the process environment.
+    pub fn from_yaml_str(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_str_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// As `from_yaml_str`, with `env` standing in for the environment, so tests need not mutate
+    /// the process environment (which races with other threads).
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let parsed = parse::parse::<Config>(text)?;
+        let mut cfg = parsed.value;
+        let mut errors = parsed.errors;
+        errors.extend(validate::validate(&mut cfg, &parsed.pruned, env));
+        parse::sort_by_file_order(&mut errors, &parsed.order);
+        if errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors::new(errors))
+        }
+    }
+
+    /// Checks a config built or changed in code, resolving `*_env` secrets and key digests as
+    /// `load` does.
+    pub fn validate(&mut self) -> Result<(), ConfigErrors> {
+        let errors = validate::validate(self, &HashSet::new(), &|name| std::env::var(name).ok());
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors::new(errors))
+        }
+    }
+
+    /// The key whose digest matches `presented`, disabled or not (the caller decides what a
+    /// disabled key gets). Every key is compared in constant time and none is skipped, so the
+    /// timing says nothing about which key, or how much of one, matched.
+    pub fn find_key(&self, presented: &str) -> Option<&KeyConfig> {
+        let digest = sha256(presented);
+        let mut found = None;
+        for key in &self.keys {
+            if bool::from(key.digest.ct_eq(&digest)) {
+                found = Some(key);
+            }
+        }
+        found
+    }
+}
+
+pub(crate) fn sha256(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
