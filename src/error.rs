@@ -82,6 +82,33 @@ impl RelayError {
         self
     }
 
+    pub fn side(mut self, side: Side) -> Self {
+        self.side = side;
+        self
+    }
+
+    /// 502 `upstream_connection_lost` (SPEC §3): the upstream went away or could not be reached.
+    pub fn upstream_lost(message: impl Into<String>) -> Self {
+        RelayError::new(
+            Side::UpstreamIo,
+            502,
+            "server_error",
+            "upstream_connection_lost",
+        )
+        .message(message)
+    }
+
+    /// The WebSocket error frame of this error (SPEC §3).
+    pub fn ws_frame(&self) -> serde_json::Value {
+        crate::protocol::frames::ws_error(
+            self.status,
+            self.kind,
+            &self.code,
+            &self.message,
+            self.param.as_deref(),
+        )
+    }
+
     /// 400 `invalid_request_error` caused by the client.
     pub fn invalid_request(code: &str, message: impl Into<String>) -> Self {
         RelayError::new(Side::Client, 400, "invalid_request_error", code).message(message)

@@ -90,7 +90,10 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        None => Config::default(),
+        None => {
+            let listen = listen.unwrap_or(Config::default().listen);
+            return run(async move { switchyard::server::embedded::run(listen).await });
+        }
     };
     if let Some(addr) = listen {
         cfg.listen = addr;

@@ -1,4 +1,46 @@
-//! Logging set-up (tracing). Later items add `log.format: json` and the metrics registry here.
+//! Logging (tracing) and the metrics registry (Prometheus text on `/metrics`). Every item adds
+//! its series to [`metric`]; the registry is process-wide, installed on first use.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Metric names, in one place so the catalogue is easy to read.
+pub mod metric {
+    pub const CLIENT_SOCKETS_OPEN: &str = "switchyard_client_sockets_open";
+    pub const UPGRADES_REFUSED: &str = "switchyard_ws_upgrades_refused_total";
+    pub const CLIENT_FRAMES_REFUSED: &str = "switchyard_client_frames_refused_total";
+    pub const CLOSE_CODES_SENT: &str = "switchyard_close_codes_sent_total";
+    pub const TURNS: &str = "switchyard_turns_total";
+    pub const UPSTREAM_DIALS: &str = "switchyard_upstream_dials_total";
+    pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
+    pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
+    pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";
+}
+
+/// Histogram buckets for latencies, 100 µs to 5 minutes.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder once per process and returns the handle that renders it.
+pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).ok()?;
+            match builder.install_recorder() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
 
 /// Text logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {

@@ -80,7 +80,7 @@ impl MockUpstream {
         let state = Arc::new(MockState::new(opts));
         let app = router(state.clone());
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(crate::server::nodelay(listener), app).await {
                 tracing::error!(error = %e, "mock upstream stopped");
             }
         });

@@ -1,23 +1,84 @@
-//! The relay's HTTP front: the router that later items grow (WebSocket upgrade, SSE/JSON
-//! adapters, admin API, metrics); for now health and readiness.
+//! The relay's client-facing front: one axum router with the WebSocket ingress on its three
+//! paths ([`ws`]) and the operations endpoints ([`ops`]).
+
+pub mod embedded;
+pub mod ops;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
 
 use crate::config::Config;
 
+/// What every handler shares.
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub next_session: AtomicU64,
+}
+
+/// Every accepted connection gets `TCP_NODELAY`: events are small and latency-bound, and
+/// Nagle's algorithm with delayed ACKs would hold them back by tens of milliseconds.
+pub fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    })
+}
+
+/// A relay serving in the background (tests, the embedded default).
+pub struct Running {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds `cfg.listen` and serves in a background task.
+pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = router(cfg);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(crate::server::nodelay(listener), app).await {
+            tracing::error!(error = %e, "relay listener stopped");
+        }
+    });
+    Ok(Running { addr, task })
+}
+
 /// Binds `cfg.listen` and serves until the process is stopped. The config is already
 /// validated (OP-4).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(listen = %listener.local_addr()?, "switchyard listening");
-    axum::serve(listener, router()).await?;
+    axum::serve(crate::server::nodelay(listener), router(cfg)).await?;
     Ok(())
 }
 
-/// `/healthz` (process up) and `/readyz` (config loaded, listener up).
-pub fn router() -> Router {
+/// The routes: WebSocket ingress on `/v1/responses`, `/responses` and
+/// `/backend-api/codex/responses` (WS-1); `/healthz`, `/readyz`, `/metrics` (unauthenticated).
+pub fn router(cfg: Config) -> Router {
+    crate::telemetry::metrics_handle();
+    let app = Arc::new(App {
+        cfg: Arc::new(cfg),
+        next_session: AtomicU64::new(1),
+    });
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ready\n" }))
+        .route("/v1/responses", get(ws::entry))
+        .route("/responses", get(ws::entry))
+        .route("/backend-api/codex/responses", get(ws::entry))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .with_state(app)
 }

@@ -1,0 +1,134 @@
+//! A client session: one client WebSocket, its turns one after another, and the upstream
+//! connection it holds. The loop never blocks on either peer: client frames, upstream events,
+//! room in the client writer, a finished dial and the ping timer are all awaited together, so a
+//! disconnect or a new request is seen at once (TP-3) and a slow client only slows the upstream
+//! read (TP-2).
+
+mod handle;
+pub mod outbox;
+pub mod turn;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::error::RelayError;
+use crate::telemetry::metric;
+use crate::upstream::{Identity, UpFrame, UpstreamConn};
+
+use outbox::Outbox;
+use turn::Turn;
+
+/// What a session is started with.
+pub struct SessionParams {
+    pub cfg: Arc<Config>,
+    pub key_id: String,
+    pub identity: Identity,
+    pub id: u64,
+}
+
+/// Whatever woke the session loop.
+enum Wake {
+    Client(Option<Result<Message, tungstenite::Error>>),
+    Room(Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>>),
+    Dialed(Result<Result<UpstreamConn, RelayError>, tokio::task::JoinError>),
+    Upstream(Option<UpFrame>),
+    Ping,
+}
+
+/// What the loop does next.
+enum Step {
+    Go,
+    /// Close the client socket with this code and reason.
+    Close(u16, &'static str),
+    /// The client is gone; nothing more can be sent.
+    Gone,
+}
+
+struct Session {
+    p: SessionParams,
+    out: Outbox,
+    last_model: Option<String>,
+    last_response_id: Option<String>,
+    upstream: Option<UpstreamConn>,
+    dialing: Option<tokio::task::JoinHandle<Result<UpstreamConn, RelayError>>>,
+    turn: Option<Turn>,
+    /// Errors for frames that arrived during the running turn, sent after its terminal (§3).
+    held: Vec<RelayError>,
+    turns: u64,
+    last_heard: Instant,
+}
+
+/// Runs a session until the client leaves or is closed.
+pub async fn run<S>(p: SessionParams, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("session", id = p.id, key = %p.key_id);
+    run_session(p, ws).instrument(span).await
+}
+
+async fn run_session<S>(p: SessionParams, ws: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).increment(1.0);
+    let (sink, mut stream) = ws.split();
+    let out = Outbox::new(sink, p.cfg.session.pump_channel);
+    let every = p.cfg.session.client_ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    let mut s = Session {
+        p,
+        out,
+        last_model: None,
+        last_response_id: None,
+        upstream: None,
+        dialing: None,
+        turn: None,
+        held: Vec::new(),
+        turns: 0,
+        last_heard: Instant::now(),
+    };
+    let end = loop {
+        let wake = tokio::select! {
+            m = stream.next() => Wake::Client(m),
+            r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
+            r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
+            f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
+            _ = ping.tick() => Wake::Ping,
+        };
+        match s.handle(wake).await {
+            Step::Go => {}
+            other => break other,
+        }
+    };
+    s.end(end).await;
+    metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
+}
+
+async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>> {
+    out.sender().reserve_owned().await
+}
+
+async fn dial_done(
+    dialing: &mut Option<tokio::task::JoinHandle<Result<UpstreamConn, RelayError>>>,
+) -> Result<Result<UpstreamConn, RelayError>, tokio::task::JoinError> {
+    match dialing {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(upstream: &mut Option<UpstreamConn>) -> Option<UpFrame> {
+    match upstream {
+        Some(conn) => conn.events.recv().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,117 @@
+//! The client side of a session's output: frames wait in a short queue until the writer task
+//! has room, so the session loop never blocks on a slow client and keeps reading it (TP-3).
+
+use std::collections::VecDeque;
+
+use futures::{Sink, SinkExt};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::tuning;
+
+/// Frames on their way to the client.
+pub struct Outbox {
+    tx: mpsc::Sender<Message>,
+    pending: VecDeque<Message>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Outbox {
+    /// Spawns the writer task over `sink`; at most `depth` frames are in flight to it.
+    pub fn new<S>(sink: S, depth: usize) -> Outbox
+    where
+        S: Sink<Message> + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        let writer = tokio::spawn(write_loop(sink, rx));
+        Outbox {
+            tx,
+            pending: VecDeque::new(),
+            writer,
+        }
+    }
+
+    pub fn push(&mut self, m: Message) {
+        self.pending.push_back(m);
+    }
+
+    pub fn push_json(&mut self, v: &serde_json::Value) {
+        self.push(Message::Text(v.to_string().into()));
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A sender for waiting on room in the writer's channel from a `select!`.
+    pub fn sender(&self) -> mpsc::Sender<Message> {
+        self.tx.clone()
+    }
+
+    /// Hands the oldest pending frame to the writer through a reserved slot.
+    pub fn send_with(&mut self, permit: mpsc::OwnedPermit<Message>) {
+        if let Some(m) = self.pending.pop_front() {
+            permit.send(m);
+        }
+    }
+
+    /// Sends what is pending and a Close frame, then waits (bounded) for the writer to finish.
+    pub async fn close(mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        };
+        self.pending.push_back(Message::Close(Some(frame)));
+        self.finish().await;
+    }
+
+    /// Sends what is pending, then lets the writer end.
+    pub async fn finish(mut self) {
+        let drain = async {
+            while let Some(m) = self.pending.pop_front() {
+                if self.tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(tuning::CLIENT_CLOSE_GRACE, drain).await;
+        drop(self.tx);
+        if tokio::time::timeout(tuning::CLIENT_CLOSE_GRACE, &mut self.writer)
+            .await
+            .is_err()
+        {
+            self.writer.abort();
+        }
+    }
+}
+
+/// Writes frames as they come, flushing whenever the channel is momentarily empty (TP-2's
+/// batching); ends on a write error or after a Close frame.
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Message>)
+where
+    S: Sink<Message> + Unpin,
+{
+    while let Some(first) = rx.recv().await {
+        let mut closing = matches!(first, Message::Close(_));
+        if sink.feed(first).await.is_err() {
+            return;
+        }
+        while !closing {
+            match rx.try_recv() {
+                Ok(m) => {
+                    closing = matches!(m, Message::Close(_));
+                    if sink.feed(m).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if sink.flush().await.is_err() || closing {
+            let _ = sink.close().await;
+            return;
+        }
+    }
+}

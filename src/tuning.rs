@@ -1,0 +1,21 @@
+//! Tuning constants in one place, each with its reason. Values that operators need to change
+//! become config keys when their behaviour's item lands (SPEC §2 names them).
+
+use std::time::Duration;
+
+/// Upstream dials give up after this (SPEC §2 `upstream.dial_timeout` default).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest upstream event accepted (SPEC §2 `upstream.max_message_bytes` default).
+pub const UPSTREAM_MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The beta header Codex sends on WebSocket dials; the public API accepts it.
+pub const OPENAI_BETA_WS: &str = "responses_websockets=2026-02-06";
+
+/// Initial read buffer of a client socket. tungstenite's default (128 KiB) would dominate the
+/// memory of an idle socket; most client frames are small and the buffer grows when needed.
+pub const CLIENT_READ_BUFFER: usize = 4096;
+
+/// A client that stops reading gets this long to take the final frames before the socket is
+/// dropped anyway, so a dead peer cannot hold a session open.
+pub const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
