@@ -11,8 +11,20 @@
 //! [`config`] reads the one YAML file: typed sections with defaults, unknown keys refused, every
 //! error reported with its path before any port is bound (OP-4); secrets never print.
 //!
-//! [`server`] is the client-facing front: the axum router that accepts WebSocket upgrades and
-//! HTTP requests, authenticates them, and answers `/healthz` and `/readyz`.
+//! [`server`] is the client-facing front: the axum router that authenticates WebSocket upgrades
+//! before switching protocols (401/403/426 as JSON), hands each socket to a session, answers
+//! `/healthz`, `/readyz` and `/metrics`, and starts the embedded default when no config is given.
+//!
+//! [`session`] owns one client socket: its turns one after another, the last response id and
+//! model, the upstream connection it holds, and the errors held back during a turn. Its loop
+//! waits on the client, the upstream, the client writer and timers at once, so it never blocks
+//! on either peer.
+//!
+//! [`scheduler`] picks the upstream account for each turn (for now the first account that serves
+//! the model).
+//!
+//! [`upstream`] dials an account's WebSocket with its key and the client's identity headers and
+//! runs the connection's reader task, which feeds a bounded channel for the connection's life.
 //!
 //! [`protocol`] holds the wire shapes both sides share: error frames in their WebSocket and SSE
 //! forms, and (as the relay path lands) event peeking, request rewriting and the one table that
@@ -26,7 +38,8 @@
 //! responses, tool-call and encrypted-reasoning rules, scripted faults), used by every test and
 //! by `switchyard mock-upstream`.
 //!
-//! [`telemetry`] sets up logging (and later the metrics registry).
+//! [`telemetry`] sets up logging and the process-wide metrics registry; [`tuning`] holds the
+//! constants that are not (yet) config keys, each with its reason.
 //!
 //! # The life of a turn
 //!

@@ -84,6 +84,7 @@ where
     let out = Outbox::new(sink, p.cfg.session.pump_channel);
     let every = p.cfg.session.client_ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut s = Session {
         p,
         out,

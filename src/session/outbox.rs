@@ -33,8 +33,19 @@ impl Outbox {
         }
     }
 
+    /// Queues a frame; straight into the writer's channel when nothing waits before it and
+    /// there is room (the common case, one step per event).
     pub fn push(&mut self, m: Message) {
-        self.pending.push_back(m);
+        if !self.pending.is_empty() {
+            self.pending.push_back(m);
+            return;
+        }
+        match self.tx.try_send(m) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(m)) => self.pending.push_back(m),
+            // The writer is gone; the loop notices when it next waits for room or reads.
+            Err(mpsc::error::TrySendError::Closed(m)) => self.pending.push_back(m),
+        }
     }
 
     pub fn push_json(&mut self, v: &serde_json::Value) {

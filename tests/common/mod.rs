@@ -169,3 +169,60 @@ pub fn dump(name: &str, events: &[Value]) {
 pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
+
+/// The relay's test key (configured by [`relay`]).
+pub const KEY: &str = "sy-test-key";
+
+/// A relay on port 0 in front of a mock upstream on port 0.
+pub struct Env {
+    pub mock: switchyard::mock::MockUpstream,
+    pub relay: switchyard::server::Running,
+}
+
+impl Env {
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/responses", self.relay.addr)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.relay.addr)
+    }
+
+    /// A session on the relay with the test key.
+    pub async fn connect(&self) -> Ws {
+        ws_connect(&self.ws_url(), KEY).await
+    }
+}
+
+/// Starts a mock and a relay whose config is `listen`, one key `test` = [`KEY`], one
+/// `ctx_pool` account `up` pointing at the mock, then `extra` (YAML appended as is, e.g.
+/// `"session:\n  max_held_errors: 2\n"`).
+pub async fn relay(extra: &str) -> Env {
+    relay_from(|mock_url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: up\n    base_url: {mock_url}\n    api_key: sk-up\n    mode: ctx_pool\n{extra}"
+        )
+    })
+    .await
+}
+
+/// Starts a mock and a relay with the config `yaml(mock_base_url)`.
+pub async fn relay_from(yaml: impl FnOnce(&str) -> String) -> Env {
+    let mock = switchyard::mock::MockUpstream::start(switchyard::mock::MockOptions::default())
+        .await
+        .expect("mock");
+    let cfg = switchyard::config::Config::from_yaml_str(&yaml(&mock.base_url())).expect("config");
+    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    Env { mock, relay }
+}
+
+/// Polls a condition reached asynchronously (bounded by the hang guard).
+pub async fn eventually(cond: impl Fn() -> bool) {
+    tokio::time::timeout(HANG_GUARD, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("hang guard: condition never held");
+}
