@@ -13,6 +13,8 @@ pub mod metric {
     pub const CLOSE_CODES_SENT: &str = "switchyard_close_codes_sent_total";
     pub const TURNS: &str = "switchyard_turns_total";
     pub const UPSTREAM_DIALS: &str = "switchyard_upstream_dials_total";
+    pub const UPSTREAM_REUSES: &str = "switchyard_upstream_reuses_total";
+    pub const UPSTREAM_BROKEN: &str = "switchyard_upstream_broken_total";
     pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
     pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";

@@ -3,12 +3,6 @@
 
 use std::time::Duration;
 
-/// Upstream dials give up after this (SPEC §2 `upstream.dial_timeout` default).
-pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Largest upstream event accepted (SPEC §2 `upstream.max_message_bytes` default).
-pub const UPSTREAM_MAX_MESSAGE_BYTES: usize = 64 << 20;
-
 /// The beta header Codex sends on WebSocket dials; the public API accepts it.
 pub const OPENAI_BETA_WS: &str = "responses_websockets=2026-02-06";
 

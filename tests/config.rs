@@ -64,6 +64,23 @@ fn example_config_matches_the_defaults() {
         cfg.limits.max_client_message_bytes,
         defaults.limits.max_client_message_bytes
     );
+    let (u, d) = (&cfg.upstream, &defaults.upstream);
+    assert_eq!(
+        (
+            u.ping_interval,
+            u.pong_timeout,
+            u.dial_timeout,
+            u.max_message_bytes,
+            u.stream_idle_timeout
+        ),
+        (
+            d.ping_interval,
+            d.pong_timeout,
+            d.dial_timeout,
+            d.max_message_bytes,
+            d.stream_idle_timeout
+        )
+    );
     assert_eq!(cfg.keys.len(), 1);
     assert_eq!(cfg.accounts.len(), 1);
     assert_eq!(cfg.accounts[0].max_conns, 16);
@@ -167,6 +184,11 @@ fn spec2_defaults() {
         assert!(cfg.keys.is_empty());
         assert!(cfg.accounts.is_empty());
         assert_eq!(cfg.limits.max_client_message_bytes, 33_554_432);
+        assert_eq!(cfg.upstream.ping_interval, Duration::from_secs(20));
+        assert_eq!(cfg.upstream.pong_timeout, Duration::from_secs(5));
+        assert_eq!(cfg.upstream.dial_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.upstream.max_message_bytes, 67_108_864);
+        assert_eq!(cfg.upstream.stream_idle_timeout, Duration::from_secs(240));
         assert_eq!(cfg.session.client_ping_interval, Duration::from_secs(20));
         assert_eq!(cfg.session.client_idle_timeout, Duration::from_secs(60));
         assert_eq!(cfg.session.max_held_errors, 16);
@@ -210,6 +232,12 @@ accounts:
     max_conns: 3
     headers:
       OpenAI-Organization: org-1
+upstream:
+  ping_interval: 150ms
+  pong_timeout: 2s
+  dial_timeout: 3s
+  max_message_bytes: 1024
+  stream_idle_timeout: 4m
 limits:
   max_client_message_bytes: 4096
 session:
@@ -229,6 +257,11 @@ session:
     assert_eq!(a.api_key().expose(), "sk-1");
     assert_eq!(a.models, vec!["gpt-5*".to_string(), "o3".to_string()]);
     assert_eq!(a.headers["OpenAI-Organization"], "org-1");
+    assert_eq!(cfg.upstream.ping_interval, Duration::from_millis(150));
+    assert_eq!(cfg.upstream.pong_timeout, Duration::from_secs(2));
+    assert_eq!(cfg.upstream.dial_timeout, Duration::from_secs(3));
+    assert_eq!(cfg.upstream.max_message_bytes, 1024);
+    assert_eq!(cfg.upstream.stream_idle_timeout, Duration::from_secs(240));
     assert_eq!(cfg.limits.max_client_message_bytes, 4096);
     assert_eq!(cfg.session.client_ping_interval, Duration::from_millis(250));
     assert_eq!(cfg.session.client_idle_timeout, Duration::from_secs(120));
@@ -358,7 +391,63 @@ fn op4_every_bad_value_names_its_path() {
             "session: {idle_timeout: 60m}".into(),
             "session.idle_timeout",
         ),
-        ("upstream: {max_age: 55m}".into(), "upstream"),
+        ("upstream: 5".into(), "upstream"),
+        (
+            "upstream: {ping_interval: 20}".into(),
+            "upstream.ping_interval",
+        ),
+        (
+            "upstream: {ping_interval: 0s}".into(),
+            "upstream.ping_interval",
+        ),
+        (
+            "upstream: {pong_timeout: soon}".into(),
+            "upstream.pong_timeout",
+        ),
+        (
+            "upstream: {pong_timeout: 0ms}".into(),
+            "upstream.pong_timeout",
+        ),
+        (
+            "upstream: {dial_timeout: 10}".into(),
+            "upstream.dial_timeout",
+        ),
+        (
+            "upstream: {dial_timeout: 0s}".into(),
+            "upstream.dial_timeout",
+        ),
+        (
+            "upstream: {max_message_bytes: 1023}".into(),
+            "upstream.max_message_bytes",
+        ),
+        (
+            "upstream: {max_message_bytes: 64MB}".into(),
+            "upstream.max_message_bytes",
+        ),
+        (
+            "upstream: {max_message_bytes: -1}".into(),
+            "upstream.max_message_bytes",
+        ),
+        (
+            "upstream: {stream_idle_timeout: 240}".into(),
+            "upstream.stream_idle_timeout",
+        ),
+        (
+            "upstream: {stream_idle_timeout: 0s}".into(),
+            "upstream.stream_idle_timeout",
+        ),
+        // Keys named in the SPEC arrive with their behaviour, not before.
+        ("upstream: {max_age: 55m}".into(), "upstream.max_age"),
+        ("upstream: {min_idle: 1}".into(), "upstream.min_idle"),
+        (
+            "upstream: {retry_budget: 1}".into(),
+            "upstream.retry_budget",
+        ),
+        ("upstream: {force_http: true}".into(), "upstream.force_http"),
+        (
+            "upstream: {pingInterval: 5s}".into(),
+            "upstream.pingInterval",
+        ),
     ];
     for (text, path) in cases {
         let errs = errors(&text);
@@ -369,6 +458,34 @@ fn op4_every_bad_value_names_its_path() {
         let line = errs.iter().find(|e| e.path == path).unwrap().to_string();
         assert!(line.starts_with(&format!("{path}: ")), "{line}");
     }
+}
+
+/// OP-4: every bad `upstream` value is reported in one load, each at its path.
+#[test]
+fn op4_upstream_errors_are_all_reported() {
+    let errs = errors(
+        "upstream:\n  ping_interval: 0s\n  pong_timeout: 5\n  dial_timeout: never\n  \
+         max_message_bytes: 10\n  stream_idle_timeout: 0s\n  max_age: 55m\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "upstream.ping_interval",
+            "upstream.pong_timeout",
+            "upstream.dial_timeout",
+            "upstream.max_message_bytes",
+            "upstream.stream_idle_timeout",
+            "upstream.max_age",
+        ],
+        "{errs}"
+    );
+    assert!(
+        errs.to_string().contains("upstream.max_age: unknown key"),
+        "{errs}"
+    );
+    let empty = Config::from_yaml_str("upstream:\n").unwrap();
+    assert_eq!(empty.upstream.ping_interval, Duration::from_secs(20));
 }
 
 /// SPEC §2 `*_env`: secrets read from the environment at load.

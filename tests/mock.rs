@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use switchyard::mock::{MockOptions, MockUpstream};
+use tokio_tungstenite::tungstenite::Message;
 
 async fn mock() -> MockUpstream {
     MockUpstream::start(MockOptions::default())
@@ -511,6 +512,221 @@ async fn forget_drops_every_connection_cache() {
         read_turn(&mut ws).await[0]["error"]["code"],
         "previous_response_not_found"
     );
+}
+
+/// The raw next message (pings and pongs included), or None when nothing came within `wait`.
+async fn raw_within(ws: &mut Ws, wait: Duration) -> Option<Message> {
+    match tokio::time::timeout(wait, futures::StreamExt::next(ws)).await {
+        Ok(Some(Ok(m))) => Some(m),
+        Ok(other) => panic!("socket ended: {other:?}"),
+        Err(_) => None,
+    }
+}
+
+/// Sends a Ping and waits for its Pong (bounded by the hang guard).
+async fn ping_pong(ws: &mut Ws, payload: &'static [u8]) {
+    futures::SinkExt::send(ws, Message::Ping(payload.into()))
+        .await
+        .expect("send ping");
+    loop {
+        match raw_within(ws, HANG_GUARD).await {
+            Some(Message::Pong(p)) => {
+                assert_eq!(&p[..], payload);
+                return;
+            }
+            Some(_) => continue,
+            None => panic!("hang guard: no pong"),
+        }
+    }
+}
+
+/// Sends a Ping and checks that nothing at all (no Pong, no event) comes back for 300 ms.
+async fn assert_no_pong(ws: &mut Ws) {
+    futures::SinkExt::send(ws, Message::Ping(b"deaf?"[..].into()))
+        .await
+        .expect("send ping");
+    let got = raw_within(ws, Duration::from_millis(300)).await;
+    assert!(got.is_none(), "a deaf connection answered: {got:?}");
+}
+
+#[tokio::test]
+async fn deaf_fault_stops_reading_and_sending_until_close_all() {
+    let m = mock().await;
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    ping_pong(&mut ws, b"before").await;
+    send(&mut ws, &create("gpt-test", "[[mock:fault deaf after=2]]")).await;
+    for _ in 0..2 {
+        assert!(matches!(next_frame(&mut ws).await, Frame::Event(_)));
+    }
+    wait_for(|| {
+        m.log()
+            .stream_ends
+            .iter()
+            .any(|e| e.end == "fault" && e.sent == 2)
+    })
+    .await;
+    assert_no_pong(&mut ws).await;
+    // No further request is read either.
+    send(&mut ws, &create("gpt-test", "anyone there?")).await;
+    assert!(raw_within(&mut ws, Duration::from_millis(100))
+        .await
+        .is_none());
+    assert_eq!(m.log().requests.len(), 1);
+    assert_eq!(m.log().open_connections, 1);
+    // It ends on close_all, with a Close frame that gets through the unread frames.
+    assert_eq!(m.close_all(1001), 1);
+    assert_eq!(next_frame(&mut ws).await, Frame::Closed(Some(1001)));
+    wait_for(|| m.log().open_connections == 0).await;
+    // Neither the unread ping nor the client's close was seen by the deaf connection.
+    assert_eq!(m.log().pings.values().sum::<u64>(), 1);
+    assert!(m.log().client_closes.is_empty());
+}
+
+#[tokio::test]
+async fn deafen_all_silences_idle_and_streaming_connections() {
+    let m = mock().await;
+    let mut idle = ws_connect(&ws_url(&m), "k1").await;
+    let mut busy = ws_connect(&ws_url(&m), "k1").await;
+    ping_pong(&mut idle, b"idle").await;
+    send(
+        &mut busy,
+        &create("gpt-test", "[[mock:text 200]] [[mock:fault slow 20ms]]"),
+    )
+    .await;
+    assert!(matches!(next_frame(&mut busy).await, Frame::Event(_)));
+    assert_eq!(m.deafen_all(), 2);
+    // The streaming one stops mid-response (any event already in flight aside).
+    wait_for(|| m.log().stream_ends.iter().any(|e| e.end == "fault")).await;
+    let end = m.log().stream_ends[0].clone();
+    assert!(end.sent < end.planned, "{end:?}");
+    while raw_within(&mut busy, Duration::from_millis(100))
+        .await
+        .is_some()
+    {}
+    assert_no_pong(&mut busy).await;
+    assert_no_pong(&mut idle).await;
+    // A connection opened afterwards is not deaf.
+    let mut fresh = ws_connect(&ws_url(&m), "k1").await;
+    ping_pong(&mut fresh, b"fresh").await;
+    // The same through the control API.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/__mock/deaf", m.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_no_pong(&mut fresh).await;
+    assert_eq!(m.log().open_connections, 3);
+}
+
+#[tokio::test]
+async fn deaf_connections_end_when_the_mock_is_dropped() {
+    let m = mock().await;
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    m.deafen_all();
+    assert_no_pong(&mut ws).await;
+    drop(m);
+    assert_eq!(next_frame(&mut ws).await, Frame::Eof);
+}
+
+#[tokio::test]
+async fn close_all_closes_idle_and_streaming_sockets_with_the_code() {
+    let m = mock().await;
+    let mut a = ws_connect(&ws_url(&m), "k1").await;
+    let mut b = ws_connect(&ws_url(&m), "k2").await;
+    let mut busy = ws_connect(&ws_url(&m), "k1").await;
+    send(
+        &mut busy,
+        &create("gpt-test", "[[mock:text 200]] [[mock:fault slow 20ms]]"),
+    )
+    .await;
+    assert!(matches!(next_frame(&mut busy).await, Frame::Event(_)));
+    assert_eq!(m.close_all(1001), 3);
+    assert_eq!(next_frame(&mut a).await, Frame::Closed(Some(1001)));
+    assert_eq!(next_frame(&mut b).await, Frame::Closed(Some(1001)));
+    let (events, end) = read_until_end(&mut busy).await;
+    assert_eq!(end, Some(Frame::Closed(Some(1001))), "{events:?}");
+    wait_for(|| m.log().open_connections == 0).await;
+    let end = m.log().stream_ends[0].clone();
+    assert_eq!(end.end, "fault");
+    assert!(end.sent < end.planned, "{end:?}");
+
+    // Through the control API; connections opened later are not affected.
+    let mut c = ws_connect(&ws_url(&m), "k1").await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("http://{}/__mock/close", m.addr))
+        .json(&json!({"code": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(next_frame(&mut c).await, Frame::Closed(Some(4000)));
+    let mut d = ws_connect(&ws_url(&m), "k1").await;
+    send(&mut d, &create("gpt-test", "still serving")).await;
+    assert_eq!(
+        read_turn(&mut d).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    let r = client
+        .post(format!("http://{}/__mock/close", m.addr))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+}
+
+#[tokio::test]
+async fn pings_are_counted_per_connection() {
+    let m = mock().await;
+    let mut a = ws_connect(&ws_url(&m), "k1").await;
+    let mut b = ws_connect(&ws_url(&m), "k1").await;
+    for _ in 0..3 {
+        ping_pong(&mut a, b"a").await;
+    }
+    ping_pong(&mut b, b"b").await;
+    let _quiet = ws_connect(&ws_url(&m), "k1").await;
+    let log = m.log();
+    let conn = |i: usize| log.upgrades[i].conn;
+    assert_eq!(log.pings.get(&conn(0)), Some(&3));
+    assert_eq!(log.pings.get(&conn(1)), Some(&1));
+    assert_eq!(log.pings.get(&conn(2)), None);
+    let json: Value = reqwest::get(format!("http://{}/__mock/log", m.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["pings"][conn(0).to_string()], 3);
+    assert_eq!(json["open_connections"], 3);
+}
+
+#[tokio::test]
+async fn open_connections_go_up_and_back_down() {
+    let m = mock().await;
+    assert_eq!(m.log().open_connections, 0);
+    let mut a = ws_connect(&ws_url(&m), "k1").await;
+    let b = ws_connect(&ws_url(&m), "k1").await;
+    wait_for(|| m.log().open_connections == 2).await;
+    futures::SinkExt::close(&mut a).await.expect("close a");
+    wait_for(|| m.log().open_connections == 1).await;
+    drop(b); // without a Close frame
+    wait_for(|| m.log().open_connections == 0).await;
+    // A refused upgrade never counts; a fault that closes the socket ends it.
+    m.push_handshake(500, None);
+    assert!(ws_connect_with(&ws_url(&m), "k1", &[]).await.is_err());
+    let mut c = ws_connect(&ws_url(&m), "k1").await;
+    send(&mut c, &create("gpt-test", "[[mock:fault close 1011]]")).await;
+    assert_eq!(
+        read_until_end(&mut c).await.1,
+        Some(Frame::Closed(Some(1011)))
+    );
+    wait_for(|| m.log().open_connections == 0).await;
+    // `reset` clears the log but not the gauge of what is open.
+    let _d = ws_connect(&ws_url(&m), "k1").await;
+    m.state.reset();
+    assert_eq!(m.log().open_connections, 1);
 }
 
 #[tokio::test]

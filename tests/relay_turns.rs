@@ -243,7 +243,8 @@ async fn tp1_events_are_the_upstreams_bytes() {
 }
 
 /// A hand-made upstream for one connection: reads one request, answers with `frames` as
-/// they are, then waits for the relay to go; returns the requests it read.
+/// they are and returns the request it read (the relay keeps idle contexts open, UP-1, so it
+/// does not wait for the relay to go).
 async fn verbatim_upstream(frames: Vec<String>) -> (String, tokio::task::JoinHandle<Vec<String>>) {
     use futures::SinkExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -262,6 +263,7 @@ async fn verbatim_upstream(frames: Vec<String>) -> (String, tokio::task::JoinHan
                         .await
                         .expect("send");
                 }
+                break;
             }
         }
         seen

@@ -42,6 +42,9 @@ pub struct Config {
     /// Upstream accounts turns are scheduled onto.
     #[serde(deserialize_with = "value::null_as_default")]
     pub accounts: Vec<AccountConfig>,
+    /// Upstream connection timing and limits.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub upstream: UpstreamConfig,
     #[serde(deserialize_with = "value::null_as_default")]
     pub limits: LimitsConfig,
     #[serde(deserialize_with = "value::null_as_default")]
@@ -55,6 +58,7 @@ impl Default for Config {
             ingress: IngressConfig::default(),
             keys: Vec::new(),
             accounts: Vec::new(),
+            upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             session: SessionConfig::default(),
         }
@@ -250,6 +254,42 @@ pub(crate) fn split_scheme(url: &str) -> Option<(bool, &str)> {
         Some((false, rest))
     } else {
         None
+    }
+}
+
+/// Upstream connections: keepalive, dialing and the limits on what the upstream sends (§7).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of upstream settings"
+)]
+pub struct UpstreamConfig {
+    /// How often every upstream context, idle or leased, is pinged (UP-4).
+    #[serde(deserialize_with = "value::duration")]
+    pub ping_interval: Duration,
+    /// No pong within this long marks that context's generation broken (UP-4).
+    #[serde(deserialize_with = "value::duration")]
+    pub pong_timeout: Duration,
+    /// Upper bound on one upstream dial (UP-8).
+    #[serde(deserialize_with = "value::duration")]
+    pub dial_timeout: Duration,
+    /// Largest upstream event in bytes; a larger one closes that context (handled as CT-9).
+    pub max_message_bytes: u64,
+    /// No upstream event for this long during a turn is handled as CT-9.
+    #[serde(deserialize_with = "value::duration")]
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(5),
+            dial_timeout: Duration::from_secs(10),
+            max_message_bytes: 64 * 1024 * 1024,
+            stream_idle_timeout: Duration::from_secs(240),
+        }
     }
 }
 

@@ -46,8 +46,9 @@ fn op4_empty_file_is_all_defaults() {
 
 #[test]
 fn op4_empty_sections_mean_defaults() {
-    let cfg = parse("ingress:\nsession:\nlimits:\nkeys:\naccounts:\n").unwrap();
+    let cfg = parse("ingress:\nsession:\nlimits:\nkeys:\naccounts:\nupstream:\n").unwrap();
     assert!(cfg.ingress.websocket);
+    assert_eq!(cfg.upstream.pong_timeout, Duration::from_secs(5));
     assert_eq!(cfg.session.pump_channel, 64);
 }
 
@@ -388,6 +389,45 @@ fn ranges_are_checked() {
     assert!(errs.has_path("session.pump_channel"));
     assert!(errs.has_path("accounts[0].max_conns"));
     assert!(parse("limits: {max_client_message_bytes: 1024}").is_ok());
+}
+
+#[test]
+fn upstream_keys_parse_and_are_range_checked() {
+    let cfg = parse(
+        "upstream: {ping_interval: 250ms, pong_timeout: 1s, dial_timeout: 2s, \
+         max_message_bytes: 2048, stream_idle_timeout: 3m}",
+    )
+    .unwrap();
+    let u = &cfg.upstream;
+    assert_eq!(u.ping_interval, Duration::from_millis(250));
+    assert_eq!(u.pong_timeout, Duration::from_secs(1));
+    assert_eq!(u.dial_timeout, Duration::from_secs(2));
+    assert_eq!(u.max_message_bytes, 2048);
+    assert_eq!(u.stream_idle_timeout, Duration::from_secs(180));
+    let errs = errors(
+        "upstream: {ping_interval: 0s, pong_timeout: 0ms, dial_timeout: 0s, \
+         max_message_bytes: 1023, stream_idle_timeout: 0s}",
+    );
+    assert_eq!(errs.len(), 5, "{errs}");
+    for key in [
+        "ping_interval",
+        "pong_timeout",
+        "dial_timeout",
+        "stream_idle_timeout",
+    ] {
+        assert_eq!(
+            message_at(&errs, &format!("upstream.{key}")),
+            "must be greater than zero"
+        );
+    }
+    assert_eq!(
+        message_at(&errs, "upstream.max_message_bytes"),
+        "must be at least 1024"
+    );
+    assert!(parse("upstream: {max_message_bytes: 1024}").is_ok());
+    let errs = errors("upstream: {ping_interval: 20, min_idle: 1}");
+    assert!(message_at(&errs, "upstream.ping_interval").contains("with a unit"));
+    assert!(message_at(&errs, "upstream.min_idle").starts_with("unknown key"));
 }
 
 #[test]

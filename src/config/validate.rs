@@ -21,6 +21,9 @@ const RESERVED_HEADERS: &[&str] = &[
 /// The smallest sensible client message limit: below it even a one-line request is refused.
 const MIN_CLIENT_MESSAGE_BYTES: u64 = 1024;
 
+/// The smallest sensible upstream event limit: below it even `response.created` is refused.
+const MIN_UPSTREAM_MESSAGE_BYTES: u64 = 1024;
+
 struct Checker<'a> {
     errors: Vec<ConfigError>,
     /// Paths `parse` already reported and pruned; their default stand-ins are not judged again.
@@ -70,11 +73,32 @@ pub(super) fn validate(
         pruned,
         env,
     };
+    check_upstream(cfg, &mut c);
     check_limits(cfg, &mut c);
     check_session(cfg, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
     c.errors
+}
+
+fn check_upstream(cfg: &Config, c: &mut Checker<'_>) {
+    let u = &cfg.upstream;
+    for (name, value) in [
+        ("ping_interval", u.ping_interval),
+        ("pong_timeout", u.pong_timeout),
+        ("dial_timeout", u.dial_timeout),
+        ("stream_idle_timeout", u.stream_idle_timeout),
+    ] {
+        if value.is_zero() {
+            c.error(format!("upstream.{name}"), "must be greater than zero");
+        }
+    }
+    if u.max_message_bytes < MIN_UPSTREAM_MESSAGE_BYTES {
+        c.error(
+            "upstream.max_message_bytes",
+            format!("must be at least {MIN_UPSTREAM_MESSAGE_BYTES}"),
+        );
+    }
 }
 
 fn check_limits(cfg: &Config, c: &mut Checker<'_>) {

@@ -62,7 +62,7 @@ async fn json_response(state: &MockState, plan: Plan, fault: Option<Fault>) -> R
         Some(FaultKind::Error { status, code }) => {
             return error_response(&status_error(status, &code))
         }
-        Some(FaultKind::Stall) => std::future::pending::<()>().await,
+        Some(FaultKind::Stall) | Some(FaultKind::Deaf) => std::future::pending::<()>().await,
         Some(FaultKind::Close(_)) | Some(FaultKind::Eof) => {
             return (StatusCode::BAD_GATEWAY, "mock fault: connection dropped").into_response()
         }
@@ -144,7 +144,7 @@ async fn pump_sse(tx: &SseTx, plan: &Plan, fault: Option<Fault>) -> (usize, &'st
                     let _ = tx.send(Err(std::io::Error::other("mock fault"))).await;
                     return (i, "fault");
                 }
-                FaultKind::Stall => {
+                FaultKind::Stall | FaultKind::Deaf => {
                     tx.closed().await;
                     return (i, "fault");
                 }

@@ -12,8 +12,9 @@
 //!   `function_call` sent with its id needs the reasoning item that preceded it.
 //! - Scripting: `[[mock:tool NAME ARGS]]`, `[[mock:reason]]`, `[[mock:text N]]`,
 //!   `[[mock:fixture NAME]]`, `[[mock:fault KIND ...]]` in the last user message (see
-//!   [`script`]); the control API under `/__mock/` queues faults and handshake refusals and
-//!   shows what the mock saw.
+//!   [`script`]); the control API under `/__mock/` queues faults and handshake refusals, makes
+//!   every open connection deaf or closes it, and shows what the mock saw (pings received and
+//!   open connections included).
 
 pub mod engine;
 pub mod events;
@@ -115,11 +116,26 @@ impl MockUpstream {
     pub fn forget_all(&self) {
         self.state.forget_epoch.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Every open WebSocket connection, idle or in a response, goes deaf at once (as the `deaf`
+    /// fault): it stops reading its socket, so it answers no pings and reads no requests, and
+    /// sends nothing more, until `close_all` or the mock is dropped. Returns how many.
+    pub fn deafen_all(&self) -> usize {
+        self.state.deafen_all()
+    }
+
+    /// Every open WebSocket connection, idle or in a response, deaf or not, sends a Close frame
+    /// with `code` and ends at once. Returns how many.
+    pub fn close_all(&self, code: u16) -> usize {
+        self.state.close_all(code)
+    }
 }
 
 impl Drop for MockUpstream {
     fn drop(&mut self) {
         self.task.abort();
+        // Deaf connections cannot notice their client leaving; they end with the mock.
+        self.state.shutdown.cancel();
     }
 }
 
@@ -147,6 +163,8 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/__mock/faults", post(push_fault))
         .route("/__mock/handshake", post(push_handshake))
         .route("/__mock/forget", post(forget))
+        .route("/__mock/deaf", post(deafen))
+        .route("/__mock/close", post(close))
         .route("/__mock/reset", post(reset))
         .with_state(state)
 }
@@ -195,7 +213,10 @@ async fn upgrade(
             headers: seen,
         })
     });
-    ws.on_upgrade(move |socket| ws::serve_socket(state, socket, conn, account))
+    // Registered before the 101 goes out, so a client that sees the socket open can rely on
+    // `open_connections`, `deafen_all` and `close_all` covering it.
+    let guard = state.register_conn(conn);
+    ws.on_upgrade(move |socket| ws::serve_socket(state, socket, conn, account, guard))
 }
 
 fn handshake_refusal(f: &HandshakeFault) -> Response {
@@ -241,6 +262,21 @@ async fn push_handshake(State(state): Shared, Json(body): Json<HandshakeFault>) 
 
 async fn forget(State(state): Shared) -> StatusCode {
     state.forget_epoch.fetch_add(1, Ordering::Relaxed);
+    StatusCode::NO_CONTENT
+}
+
+async fn deafen(State(state): Shared) -> StatusCode {
+    state.deafen_all();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(serde::Deserialize)]
+struct CloseBody {
+    code: u16,
+}
+
+async fn close(State(state): Shared, Json(body): Json<CloseBody>) -> StatusCode {
+    state.close_all(body.code);
     StatusCode::NO_CONTENT
 }
 

@@ -40,6 +40,10 @@ pub enum FaultKind {
     Eof,
     /// Stop sending and keep the connection open.
     Stall,
+    /// Stop reading the socket (so no pong answers a ping and no further request is read) and
+    /// stop sending, keeping the connection open until `close_all` or the mock is dropped.
+    /// Over HTTP it acts as `stall`.
+    Deaf,
     /// Wait this long before each event.
     Slow(Duration),
     /// Send an `error` event with this status and code instead of the rest of the response.
@@ -76,6 +80,7 @@ impl Fault {
             "close" => FaultKind::Close(arg(0)?.parse().map_err(|e| format!("close: {e}"))?),
             "eof" => FaultKind::Eof,
             "stall" => FaultKind::Stall,
+            "deaf" => FaultKind::Deaf,
             "slow" => {
                 FaultKind::Slow(humantime::parse_duration(arg(0)?).map_err(|e| e.to_string())?)
             }
@@ -165,6 +170,24 @@ mod tests {
                 status: 429,
                 code: "rate_limit_exceeded".into()
             })
+        );
+    }
+
+    #[test]
+    fn deaf_parses_with_its_point_of_action() {
+        assert_eq!(
+            Fault::parse("deaf after=4"),
+            Ok(Fault {
+                kind: FaultKind::Deaf,
+                after: 4,
+                once: None
+            })
+        );
+        assert_eq!(Fault::parse("deaf").map(|f| f.after), Ok(2));
+        let d = parse_directives("[[mock:fault deaf after=0 once=d1]]");
+        assert_eq!(
+            d.fault.map(|f| (f.kind, f.once)),
+            Some((FaultKind::Deaf, Some("d1".into())))
         );
     }
 

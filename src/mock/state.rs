@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use super::script::Fault;
 use super::MockOptions;
@@ -46,7 +47,8 @@ pub struct StreamEnd {
     pub sent: usize,
     /// Events the plan had.
     pub planned: usize,
-    /// `completed`, `client_closed`, `fault`, `error`.
+    /// `completed`, `client_closed`, `fault` (a scripted fault, `deaf` and `close_all`
+    /// included), `error`.
     pub end: String,
 }
 
@@ -68,6 +70,90 @@ pub struct MockLog {
     pub stream_ends: Vec<StreamEnd>,
     /// Connections whose client went away (Close frame, EOF or error), by number.
     pub client_closes: Vec<u64>,
+    /// WebSocket pings received, by connection number (connections that sent none are absent).
+    pub pings: HashMap<u64, u64>,
+    /// WebSocket connections open right now: counted from the upgrade until the connection's
+    /// task has ended and dropped the socket. Not cleared by `reset`.
+    pub open_connections: u64,
+}
+
+/// What a connection was told from outside (control API) or by a `deaf` fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// Stop reading the socket and stop sending; keep the connection open.
+    Deaf,
+    /// Send a Close frame with this code and end.
+    Close(u16),
+}
+
+/// The control handle of one open WebSocket connection.
+#[derive(Debug, Default)]
+pub struct ConnControl {
+    deaf: CancellationToken,
+    close: CancellationToken,
+    close_code: Mutex<Option<u16>>,
+}
+
+impl ConnControl {
+    /// From now on the connection reads nothing (so it answers no pings) and sends nothing.
+    pub fn deafen(&self) {
+        self.deaf.cancel();
+    }
+
+    /// The connection sends a Close frame with `code` and ends; the first code asked for wins.
+    pub fn close(&self, code: u16) {
+        self.close_code.lock().get_or_insert(code);
+        self.close.cancel();
+    }
+
+    /// Cancelled once the connection is deaf (the reader parks on it).
+    pub fn deaf_token(&self) -> &CancellationToken {
+        &self.deaf
+    }
+
+    fn close_code(&self) -> u16 {
+        self.close_code.lock().unwrap_or(1000)
+    }
+
+    /// The pending interrupt, if any; a close wins over deafness.
+    pub fn check(&self) -> Option<Interrupt> {
+        if self.close.is_cancelled() {
+            Some(Interrupt::Close(self.close_code()))
+        } else if self.deaf.is_cancelled() {
+            Some(Interrupt::Deaf)
+        } else {
+            None
+        }
+    }
+
+    /// Resolves at the first interrupt (at once if one is pending).
+    pub async fn interrupted(&self) -> Interrupt {
+        tokio::select! {
+            biased;
+            _ = self.close.cancelled() => Interrupt::Close(self.close_code()),
+            _ = self.deaf.cancelled() => Interrupt::Deaf,
+        }
+    }
+
+    /// Resolves with the close code once a close is asked for (deafness aside).
+    pub async fn closed(&self) -> u16 {
+        self.close.cancelled().await;
+        self.close_code()
+    }
+}
+
+/// Keeps a connection in the registry of open connections; dropping it (when the connection
+/// task ends, or when an upgrade never completes) removes it.
+pub struct ConnGuard {
+    state: Arc<MockState>,
+    id: u64,
+    pub control: Arc<ConnControl>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.state.conns.lock().remove(&self.id);
+    }
 }
 
 pub struct MockState {
@@ -81,6 +167,10 @@ pub struct MockState {
     next_conn: AtomicU64,
     /// Bumped by "forget": connections compare it with theirs and drop their cache.
     pub forget_epoch: AtomicU64,
+    /// Open WebSocket connections and their control handles.
+    conns: Mutex<HashMap<u64, Arc<ConnControl>>>,
+    /// Cancelled when the `MockUpstream` is dropped: deaf connections end then.
+    pub shutdown: CancellationToken,
 }
 
 impl MockState {
@@ -95,6 +185,8 @@ impl MockState {
             log: Mutex::default(),
             next_conn: AtomicU64::new(1),
             forget_epoch: AtomicU64::new(0),
+            conns: Mutex::default(),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -166,7 +258,44 @@ impl MockState {
     }
 
     pub fn snapshot(&self) -> MockLog {
-        self.log.lock().clone()
+        let mut log = self.log.lock().clone();
+        log.open_connections = self.conns.lock().len() as u64;
+        log
+    }
+
+    /// Registers an accepted upgrade as an open connection until the guard is dropped.
+    pub fn register_conn(self: &Arc<Self>, id: u64) -> ConnGuard {
+        let control = Arc::new(ConnControl::default());
+        self.conns.lock().insert(id, control.clone());
+        ConnGuard {
+            state: self.clone(),
+            id,
+            control,
+        }
+    }
+
+    fn open_controls(&self) -> Vec<Arc<ConnControl>> {
+        self.conns.lock().values().cloned().collect()
+    }
+
+    /// Every open WebSocket connection goes deaf (see `FaultKind::Deaf`); returns how many.
+    pub fn deafen_all(&self) -> usize {
+        let controls = self.open_controls();
+        controls.iter().for_each(|c| c.deafen());
+        controls.len()
+    }
+
+    /// Every open WebSocket connection sends a Close frame with `code` and ends, idle or in a
+    /// response, deaf or not; returns how many.
+    pub fn close_all(&self, code: u16) -> usize {
+        let controls = self.open_controls();
+        controls.iter().for_each(|c| c.close(code));
+        controls.len()
+    }
+
+    /// Counts a WebSocket ping received on connection `conn`.
+    pub fn count_ping(&self, conn: u64) {
+        *self.log.lock().pings.entry(conn).or_insert(0) += 1;
     }
 
     /// Clears queues, storage and the log (between scenarios on a long-running mock).

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures::stream::SplitSink;
@@ -14,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{self, ApiError, ConnCache};
 use super::script::FaultKind;
-use super::state::{MockState, SeenRequest, StreamEnd};
+use super::state::{ConnControl, ConnGuard, Interrupt, MockState, SeenRequest, StreamEnd};
+
+/// How long a deaf connection that is being closed reads what its client sent meanwhile.
+const DEAF_CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// How a request left the connection.
 enum Flow {
@@ -23,6 +27,8 @@ enum Flow {
     Close(u16, &'static str),
     /// Drop the TCP connection without a Close frame.
     Drop,
+    /// Read and send nothing more; wait for `close_all` or the mock to be dropped.
+    Deaf,
 }
 
 struct Conn {
@@ -33,23 +39,51 @@ struct Conn {
     started: Instant,
     sink: SplitSink<WebSocket, Message>,
     client_gone: CancellationToken,
+    control: Arc<ConnControl>,
     state: Arc<MockState>,
 }
 
-/// Runs one upgraded connection until either side ends it.
-pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, account: String) {
+/// Runs one upgraded connection until either side ends it. `guard` keeps it in the registry of
+/// open connections (`open_connections`, `deafen_all`, `close_all`) until the socket is dropped.
+pub async fn serve_socket(
+    state: Arc<MockState>,
+    socket: WebSocket,
+    id: u64,
+    account: String,
+    guard: ConnGuard,
+) {
     let (sink, mut stream) = socket.split();
     let client_gone = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel::<String>(16);
     let reader_state = state.clone();
     let gone = client_gone.clone();
-    let reader = tokio::spawn(async move {
-        while let Some(Ok(msg)) = stream.next().await {
+    let deaf = guard.control.deaf_token().clone();
+    let drain = CancellationToken::new();
+    let drain_now = drain.clone();
+    let mut reader = tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                // Deaf: stop polling the stream but keep holding it (the socket stays open and
+                // tungstenite, which pongs only while read, answers no ping) until the
+                // connection closes, then discard what came in meanwhile.
+                _ = deaf.cancelled() => {
+                    drain_now.cancelled().await;
+                    while let Some(Ok(_)) = stream.next().await {}
+                    return;
+                }
+                msg = stream.next() => msg,
+            };
+            let Some(Ok(msg)) = msg else { break };
             let text = match msg {
                 Message::Text(t) => t.to_string(),
                 Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
                 Message::Close(_) => break,
-                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Ping(_) => {
+                    reader_state.count_ping(id);
+                    continue;
+                }
+                Message::Pong(_) => continue,
             };
             if tx.send(text).await.is_err() {
                 return;
@@ -67,12 +101,14 @@ pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, acc
         started: Instant::now(),
         sink,
         client_gone,
+        control: guard.control.clone(),
         state,
     };
-    let flow = loop {
+    let mut flow = loop {
         let text = tokio::select! {
             t = rx.recv() => t,
             _ = conn.client_gone.cancelled() => None,
+            i = conn.control.interrupted() => break i.into(),
         };
         let Some(text) = text else { break Flow::Drop };
         match conn.handle(&text).await {
@@ -80,17 +116,58 @@ pub async fn serve_socket(state: Arc<MockState>, socket: WebSocket, id: u64, acc
             other => break other,
         }
     };
+    if let Flow::Deaf = flow {
+        flow = conn.stay_deaf().await;
+    }
+    let mut reader_done = false;
     if let Flow::Close(code, reason) = flow {
         let frame = CloseFrame {
             code,
             reason: reason.into(),
         };
         let _ = conn.sink.send(Message::Close(Some(frame))).await;
+        if conn.control.deaf_token().is_cancelled() {
+            // A deaf connection left the client's frames unread; closing over them would make
+            // the kernel answer with a reset that can overtake the Close frame. Read them
+            // (and the client's Close reply) first, briefly.
+            drain.cancel();
+            reader_done = tokio::time::timeout(DEAF_CLOSE_DRAIN, &mut reader)
+                .await
+                .is_ok();
+        }
     }
-    reader.abort();
+    if !reader_done {
+        reader.abort();
+        // The reader holds the stream half: wait until it is dropped, so the socket is closed
+        // by the time the guard says the connection is gone.
+        let _ = reader.await;
+    }
+    drop(conn);
+    drop(guard);
+}
+
+impl From<Interrupt> for Flow {
+    fn from(i: Interrupt) -> Flow {
+        match i {
+            Interrupt::Deaf => Flow::Deaf,
+            Interrupt::Close(code) => Flow::Close(code, "mock close"),
+        }
+    }
 }
 
 impl Conn {
+    /// A deaf connection sends nothing and reads nothing (the reader is parked), so it cannot
+    /// notice its client leaving: it ends on `close_all` or when the mock is dropped.
+    async fn stay_deaf(&mut self) -> Flow {
+        self.control.deafen();
+        tokio::select! {
+            code = self.control.closed() => Flow::Close(code, "mock close"),
+            _ = self.state.shutdown.cancelled() => Flow::Drop,
+            // Only if the reader saw the client leave before it went deaf.
+            _ = self.client_gone.cancelled() => Flow::Drop,
+        }
+    }
+
     async fn send(&mut self, v: &Value) -> bool {
         self.sink
             .send(Message::Text(v.to_string().into()))
@@ -187,10 +264,15 @@ impl Conn {
                     break;
                 }
             }
+            if let Some(interrupt) = self.control.check() {
+                outcome = ("fault", interrupt.into());
+                break;
+            }
             if let Some(d) = slow {
                 tokio::select! {
                     _ = tokio::time::sleep(d) => {}
                     _ = self.client_gone.cancelled() => { outcome = ("client_closed", Flow::Drop); break; }
+                    i = self.control.interrupted() => { outcome = ("fault", i.into()); break; }
                 }
             }
             let event = ws_shape(event);
@@ -222,8 +304,15 @@ impl Conn {
             FaultKind::Close(code) => Some(("fault", Flow::Close(*code, "mock fault"))),
             FaultKind::Eof => Some(("fault", Flow::Drop)),
             FaultKind::Stall => {
-                self.client_gone.cancelled().await;
-                Some(("fault", Flow::Drop))
+                let flow = tokio::select! {
+                    _ = self.client_gone.cancelled() => Flow::Drop,
+                    i = self.control.interrupted() => i.into(),
+                };
+                Some(("fault", flow))
+            }
+            FaultKind::Deaf => {
+                self.control.deafen();
+                Some(("fault", Flow::Deaf))
             }
             FaultKind::Error { status, code } => {
                 let e = status_error(*status, code);

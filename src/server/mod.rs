@@ -13,10 +13,12 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::config::Config;
+use crate::upstream::{ConnSettings, Pool};
 
 /// What every handler shares.
 pub struct App {
     pub cfg: Arc<Config>,
+    pub pool: Arc<Pool>,
     pub next_session: AtomicU64,
 }
 
@@ -34,6 +36,7 @@ pub fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<
 /// A relay serving in the background (tests, the embedded default).
 pub struct Running {
     pub addr: SocketAddr,
+    pub app: Arc<App>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,13 +50,14 @@ impl Drop for Running {
 pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = router(cfg);
+    let app = App::new(cfg);
+    let routes = routes(app.clone());
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(crate::server::nodelay(listener), app).await {
+        if let Err(e) = axum::serve(crate::server::nodelay(listener), routes).await {
             tracing::error!(error = %e, "relay listener stopped");
         }
     });
-    Ok(Running { addr, task })
+    Ok(Running { addr, app, task })
 }
 
 /// Binds `cfg.listen` and serves until the process is stopped. The config is already
@@ -68,11 +72,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// The routes: WebSocket ingress on `/v1/responses`, `/responses` and
 /// `/backend-api/codex/responses` (WS-1); `/healthz`, `/readyz`, `/metrics` (unauthenticated).
 pub fn router(cfg: Config) -> Router {
-    crate::telemetry::metrics_handle();
-    let app = Arc::new(App {
-        cfg: Arc::new(cfg),
-        next_session: AtomicU64::new(1),
-    });
+    routes(App::new(cfg))
+}
+
+impl App {
+    pub fn new(cfg: Config) -> Arc<App> {
+        crate::telemetry::metrics_handle();
+        let u = &cfg.upstream;
+        let settings = ConnSettings {
+            ping_interval: u.ping_interval,
+            pong_timeout: u.pong_timeout,
+            dial_timeout: u.dial_timeout,
+            max_message_bytes: usize::try_from(u.max_message_bytes).unwrap_or(usize::MAX),
+        };
+        let pool = Pool::new(settings);
+        Arc::new(App {
+            cfg: Arc::new(cfg),
+            pool,
+            next_session: AtomicU64::new(1),
+        })
+    }
+}
+
+fn routes(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/responses", get(ws::entry))
         .route("/responses", get(ws::entry))

@@ -10,7 +10,7 @@ use crate::protocol::client::{self, ClientFrame, CreateRequest};
 use crate::protocol::peek::{self, EventClass};
 use crate::scheduler;
 use crate::telemetry::metric;
-use crate::upstream::{self, UpEnd, UpFrame};
+use crate::upstream::{Lease, UpEnd, UpFrame};
 
 impl Session {
     pub(super) async fn handle(&mut self, wake: Wake) -> Step {
@@ -18,11 +18,14 @@ impl Session {
             Wake::Client(m) => self.on_client(m).await,
             Wake::Room(Ok(permit)) => {
                 self.out.send_with(permit);
+                // Waiting on the client is not upstream silence.
+                self.arm_silence();
                 Step::Go
             }
             Wake::Room(Err(_)) => Step::Gone,
             Wake::Dialed(r) => self.on_dialed(r).await,
             Wake::Upstream(f) => self.on_upstream(f),
+            Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
         }
     }
@@ -124,25 +127,24 @@ impl Session {
         if self
             .upstream
             .as_ref()
-            .is_some_and(|u| u.account_id != account.id)
+            .is_some_and(|u| u.account_id() != account.id || !u.is_open())
         {
             self.upstream = None;
         }
         if self.upstream.is_some() {
             return self.write_request().await;
         }
-        let identity = self.p.identity.clone();
-        let depth = self.p.cfg.session.pump_channel;
-        metrics::counter!(metric::UPSTREAM_DIALS, "account" => account.id.clone()).increment(1);
+        let (pool, identity) = (self.p.pool.clone(), self.p.identity.clone());
+        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         self.dialing = Some(tokio::spawn(async move {
-            upstream::dial(&account, &identity, depth).await
+            pool.lease(&account, session, &identity, depth).await
         }));
         Step::Go
     }
 
     async fn on_dialed(
         &mut self,
-        r: Result<Result<upstream::UpstreamConn, RelayError>, tokio::task::JoinError>,
+        r: Result<Result<Lease, RelayError>, tokio::task::JoinError>,
     ) -> Step {
         self.dialing = None;
         match r {
@@ -168,10 +170,13 @@ impl Session {
         match up.send_text(text).await {
             Ok(()) => {
                 turn.mark_written();
+                self.arm_silence();
                 Step::Go
             }
             Err(e) => {
-                self.upstream = None;
+                if let Some(up) = self.upstream.take() {
+                    up.break_connection(UpEnd::Io(e.message.clone()));
+                }
                 self.fail_turn(e)
             }
         }
@@ -190,6 +195,8 @@ impl Session {
         let class =
             peek::event_type(text.as_str()).map_or(EventClass::Output, |t| peek::classify(&t));
         turn.on_event(class);
+        self.silent_at =
+            Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
         let outcome = class
             .is_terminal()
             .then(|| terminal_outcome(class, text.as_str()));
@@ -208,14 +215,23 @@ impl Session {
             tracing::debug!(?end, "idle upstream connection ended");
             return Step::Go;
         }
-        let why = match end {
-            UpEnd::Closed { code, reason } => {
-                format!("upstream closed the connection ({code:?} {reason})")
-            }
-            UpEnd::Io(e) => format!("upstream connection lost: {e}"),
-            UpEnd::TooBig => "upstream sent an event over the size limit".to_string(),
-        };
-        self.fail_turn(RelayError::upstream_lost(why))
+        self.fail_turn(RelayError::upstream_lost(end.describe()))
+    }
+
+    /// The running turn's upstream went silent: its connection is closed and the turn gets
+    /// 502 (CT-9's final answer until transparent retry lands).
+    fn on_silence(&mut self) -> Step {
+        if let Some(up) = self.upstream.take() {
+            up.break_connection(UpEnd::Silent);
+        }
+        self.fail_turn(RelayError::upstream_lost(UpEnd::Silent.describe()))
+    }
+
+    fn arm_silence(&mut self) {
+        if self.turn.is_some() {
+            self.silent_at =
+                Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
+        }
     }
 
     /// Ends the running turn with a relay-made error frame.
@@ -232,16 +248,17 @@ impl Session {
         let Some(mut turn) = self.turn.take() else {
             return;
         };
+        self.silent_at = None;
         match status {
             TurnStatus::Completed | TurnStatus::Incomplete => {
                 self.last_response_id = response_id.clone();
-                if let Some(up) = self.upstream.as_mut() {
-                    up.holds = response_id;
+                if let Some(up) = self.upstream.as_ref() {
+                    up.set_holds(response_id);
                 }
             }
             _ => {
-                if let Some(up) = self.upstream.as_mut() {
-                    up.holds = None;
+                if let Some(up) = self.upstream.as_ref() {
+                    up.set_holds(None);
                 }
             }
         }
@@ -261,8 +278,11 @@ impl Session {
 
     pub(super) async fn end(mut self, step: Step) {
         if let Some(mut turn) = self.turn.take() {
-            // TP-4 (interim): the client left mid-turn; dropping the upstream closes it at once.
-            self.upstream = None;
+            // TP-4 (interim): the client left mid-turn; its upstream connection is closed at
+            // once (there is no cancel event) and the context is redialed on demand.
+            if let Some(up) = self.upstream.take() {
+                up.break_connection(UpEnd::Abandoned);
+            }
             if let Some(d) = self.dialing.take() {
                 d.abort();
             }

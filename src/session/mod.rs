@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::error::RelayError;
 use crate::telemetry::metric;
-use crate::upstream::{Identity, UpFrame, UpstreamConn};
+use crate::upstream::{Identity, Lease, Pool, UpFrame};
 
 use outbox::Outbox;
 use turn::Turn;
@@ -29,6 +29,7 @@ use turn::Turn;
 /// What a session is started with.
 pub struct SessionParams {
     pub cfg: Arc<Config>,
+    pub pool: Arc<Pool>,
     pub key_id: String,
     pub identity: Identity,
     pub id: u64,
@@ -38,8 +39,10 @@ pub struct SessionParams {
 enum Wake {
     Client(Option<Result<Message, tungstenite::Error>>),
     Room(Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>>),
-    Dialed(Result<Result<UpstreamConn, RelayError>, tokio::task::JoinError>),
+    Dialed(Result<Result<Lease, RelayError>, tokio::task::JoinError>),
     Upstream(Option<UpFrame>),
+    /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
+    Silence,
     Ping,
 }
 
@@ -57,13 +60,15 @@ struct Session {
     out: Outbox,
     last_model: Option<String>,
     last_response_id: Option<String>,
-    upstream: Option<UpstreamConn>,
-    dialing: Option<tokio::task::JoinHandle<Result<UpstreamConn, RelayError>>>,
+    upstream: Option<Lease>,
+    dialing: Option<tokio::task::JoinHandle<Result<Lease, RelayError>>>,
     turn: Option<Turn>,
     /// Errors for frames that arrived during the running turn, sent after its terminal (§3).
     held: Vec<RelayError>,
     turns: u64,
     last_heard: Instant,
+    /// When the running turn's upstream counts as silent (CT-9), while the relay waits on it.
+    silent_at: Option<Instant>,
 }
 
 /// Runs a session until the client leaves or is closed.
@@ -96,6 +101,7 @@ where
         held: Vec::new(),
         turns: 0,
         last_heard: Instant::now(),
+        silent_at: None,
     };
     let end = loop {
         let wake = tokio::select! {
@@ -103,6 +109,7 @@ where
             r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
+            _ = sleep_until(s.silent_at), if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick() => Wake::Ping,
         };
         match s.handle(wake).await {
@@ -119,15 +126,22 @@ async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Message>, mpsc::error::S
 }
 
 async fn dial_done(
-    dialing: &mut Option<tokio::task::JoinHandle<Result<UpstreamConn, RelayError>>>,
-) -> Result<Result<UpstreamConn, RelayError>, tokio::task::JoinError> {
+    dialing: &mut Option<tokio::task::JoinHandle<Result<Lease, RelayError>>>,
+) -> Result<Result<Lease, RelayError>, tokio::task::JoinError> {
     match dialing {
         Some(handle) => handle.await,
         None => std::future::pending().await,
     }
 }
 
-async fn next_event(upstream: &mut Option<UpstreamConn>) -> Option<UpFrame> {
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(upstream: &mut Option<Lease>) -> Option<UpFrame> {
     match upstream {
         Some(conn) => conn.events.recv().await,
         None => std::future::pending().await,

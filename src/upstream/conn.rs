@@ -1,11 +1,19 @@
-//! One upstream WebSocket: the dial (SPEC WS-7 headers) and its reader task, which pushes every
-//! frame into a bounded channel for the connection's whole life (TP-2), so a slow client slows
-//! the upstream read instead of growing memory.
+//! One upstream WebSocket: the dial (SPEC WS-7 headers, UP-8 timeout) and the connection's one
+//! task for its whole life (UP-3). The task reads every frame: while a lease routes it, events
+//! go into the lease's bounded channel (TP-2: a slow client slows the upstream read); while
+//! idle, stray frames are dropped and logged. It pings every `upstream.ping_interval`, idle or
+//! leased, and gives up on a missing pong (UP-4). However it ends, it reports one verdict
+//! carrying its generation (UP-2), so the pool can ignore news about an older connection.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
+use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -19,8 +27,9 @@ use crate::tuning;
 use super::Identity;
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type WsSink = SplitSink<WsStream, Message>;
 
-/// What the reader task hands the session.
+/// What the connection task hands the lease holder.
 #[derive(Debug)]
 pub enum UpFrame {
     /// One event, as the upstream's own bytes.
@@ -38,67 +47,101 @@ pub enum UpEnd {
     },
     /// EOF without a Close frame, or an I/O or protocol error.
     Io(String),
-    /// An event over the size limit.
+    /// An event over `upstream.max_message_bytes`.
     TooBig,
+    /// No pong within `upstream.pong_timeout`.
+    NoPong,
+    /// No event of a running turn within `upstream.stream_idle_timeout`.
+    Silent,
+    /// The relay closed it because the client left mid-turn (never the account's fault).
+    Abandoned,
 }
 
-/// An open upstream WebSocket of one account.
-pub struct UpstreamConn {
-    pub account_id: String,
-    /// The response the upstream's connection cache holds, if any (CT-1's fast path).
-    pub holds: Option<String>,
-    sink: SplitSink<WsStream, Message>,
-    pub events: mpsc::Receiver<UpFrame>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl UpstreamConn {
-    /// Writes one request frame.
-    pub async fn send_text(&mut self, text: String) -> Result<(), RelayError> {
-        self.sink
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|e| RelayError::upstream_lost(format!("upstream write failed: {e}")))
+impl UpEnd {
+    pub fn describe(&self) -> String {
+        match self {
+            UpEnd::Closed { code, reason } => {
+                format!("upstream closed the connection ({code:?} {reason})")
+            }
+            UpEnd::Io(e) => format!("upstream connection lost: {e}"),
+            UpEnd::TooBig => "upstream sent an event over upstream.max_message_bytes".into(),
+            UpEnd::NoPong => "upstream did not answer a ping within upstream.pong_timeout".into(),
+            UpEnd::Silent => "no upstream event within upstream.stream_idle_timeout".into(),
+            UpEnd::Abandoned => "closed by the relay: the client left mid-turn".into(),
+        }
     }
 }
 
-impl Drop for UpstreamConn {
-    /// Dropping the connection closes it at once: the reader stops and the socket is freed.
+/// How connections behave (from the `upstream.*` config keys).
+#[derive(Debug, Clone)]
+pub struct ConnSettings {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub dial_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Where the connection task sends events: the current lease's channel, or nowhere.
+pub type Route = Arc<Mutex<Option<mpsc::Sender<UpFrame>>>>;
+
+/// An open connection as the pool holds it.
+pub struct Live {
+    pub generation: u64,
+    pub sink: Arc<tokio::sync::Mutex<WsSink>>,
+    pub route: Route,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Live {
+    /// Dropping a connection closes it at once: its task stops and the socket is freed.
     fn drop(&mut self) {
-        self.reader.abort();
+        self.task.abort();
     }
 }
 
-/// Dials `account` with its headers, its key, `OpenAI-Beta` and the session's identity.
-pub async fn dial(
+/// Dials `account` and starts the connection's task; `verdict(generation, end)` is called
+/// once when the connection ends by itself.
+pub async fn open(
     account: &AccountConfig,
     identity: &Identity,
-    channel: usize,
-) -> Result<UpstreamConn, RelayError> {
+    settings: &ConnSettings,
+    generation: u64,
+    verdict: impl FnOnce(u64, UpEnd) + Send + 'static,
+) -> Result<Live, RelayError> {
     let request = dial_request(account, identity)?;
     let config = WebSocketConfig::default()
-        .max_message_size(Some(tuning::UPSTREAM_MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(tuning::UPSTREAM_MAX_MESSAGE_BYTES));
+        .max_message_size(Some(settings.max_message_bytes))
+        .max_frame_size(Some(settings.max_message_bytes));
     let dial = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-    let (ws, _response) = match tokio::time::timeout(tuning::DIAL_TIMEOUT, dial).await {
+    let (ws, _response) = match tokio::time::timeout(settings.dial_timeout, dial).await {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => return Err(dial_error(&account.id, e)),
         Err(_) => {
             return Err(RelayError::upstream_lost(format!(
                 "dial to account {} timed out",
                 account.id
-            )))
+            ))
+            .retry(Retry::BeforeOutput))
         }
     };
     let (sink, stream) = ws.split();
-    let (tx, events) = mpsc::channel(channel.max(1));
-    let reader = tokio::spawn(read_loop(stream, tx));
-    Ok(UpstreamConn {
-        account_id: account.id.clone(),
-        holds: None,
+    let sink = Arc::new(tokio::sync::Mutex::new(sink));
+    let route: Route = Arc::default();
+    let task = ConnTask {
+        stream,
+        sink: sink.clone(),
+        route: route.clone(),
+        settings: settings.clone(),
+    };
+    let task = tokio::spawn(async move {
+        let end = task.run().await;
+        verdict(generation, end);
+    });
+    Ok(Live {
+        generation,
         sink,
-        events,
-        reader,
+        route,
+        task,
     })
 }
 
@@ -154,28 +197,102 @@ fn dial_error(account: &str, e: tungstenite::Error) -> RelayError {
     .retry(Retry::BeforeOutput)
 }
 
-async fn read_loop(mut stream: SplitStream<WsStream>, tx: mpsc::Sender<UpFrame>) {
-    let end = loop {
-        let frame = match stream.next().await {
-            Some(Ok(Message::Text(t))) => UpFrame::Event(t),
-            Some(Ok(Message::Binary(b))) => match Utf8Bytes::try_from(b) {
-                Ok(t) => UpFrame::Event(t),
-                Err(_) => continue,
-            },
-            Some(Ok(Message::Close(f))) => {
-                break UpEnd::Closed {
-                    code: f.as_ref().map(|f| u16::from(f.code)),
-                    reason: f.map(|f| f.reason.to_string()).unwrap_or_default(),
+struct ConnTask {
+    stream: SplitStream<WsStream>,
+    sink: Arc<tokio::sync::Mutex<WsSink>>,
+    route: Route,
+    settings: ConnSettings,
+}
+
+/// An event that found the lease's channel full, waiting for room (backpressure).
+type Held = (mpsc::Sender<UpFrame>, UpFrame);
+
+impl ConnTask {
+    async fn run(mut self) -> UpEnd {
+        let every = self.settings.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pong_due: Option<Instant> = None;
+        let mut held: Option<Held> = None;
+        let end = loop {
+            tokio::select! {
+                biased;
+                room = room_for(&held), if held.is_some() => {
+                    // A closed channel means the lease ended; the event has nobody to go to.
+                    if let (Ok(permit), Some((_, frame))) = (room, held.take()) {
+                        permit.send(frame);
+                    }
+                    // Reading resumes; a pong that waited behind the held event gets its time.
+                    pong_due = pong_due.map(|_| Instant::now() + self.settings.pong_timeout);
                 }
+                m = self.stream.next(), if held.is_none() => match m {
+                    Some(Ok(Message::Text(t))) => held = self.route_event(t),
+                    Some(Ok(Message::Binary(b))) => match Utf8Bytes::try_from(b) {
+                        Ok(t) => held = self.route_event(t),
+                        Err(_) => tracing::debug!("non-UTF-8 binary upstream frame dropped"),
+                    },
+                    Some(Ok(Message::Pong(_))) => pong_due = None,
+                    Some(Ok(Message::Close(f))) => {
+                        let code = f.as_ref().map(|f| u16::from(f.code));
+                        break UpEnd::Closed { code, reason: f.map(|f| f.reason.to_string()).unwrap_or_default() };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(tungstenite::Error::Capacity(_))) => break UpEnd::TooBig,
+                    Some(Err(e)) => break UpEnd::Io(e.to_string()),
+                    None => break UpEnd::Io("upstream closed the connection without a Close frame".into()),
+                },
+                _ = ping.tick(), if held.is_none() => {
+                    if self.sink.lock().await.send(Message::Ping(Default::default())).await.is_err() {
+                        break UpEnd::Io("ping write failed".into());
+                    }
+                    pong_due.get_or_insert(Instant::now() + self.settings.pong_timeout);
+                }
+                _ = sleep_until(pong_due), if pong_due.is_some() && held.is_none() => break UpEnd::NoPong,
             }
-            Some(Ok(_)) => continue,
-            Some(Err(tungstenite::Error::Capacity(_))) => break UpEnd::TooBig,
-            Some(Err(e)) => break UpEnd::Io(e.to_string()),
-            None => break UpEnd::Io("upstream closed the connection without a Close frame".into()),
         };
-        if tx.send(frame).await.is_err() {
-            return;
+        self.finish(&end).await;
+        end
+    }
+
+    /// Sends an event to the current lease; returns it when the lease's channel is full.
+    fn route_event(&self, t: Utf8Bytes) -> Option<Held> {
+        let route = self.route.lock();
+        let Some(tx) = route.as_ref() else {
+            tracing::debug!(
+                bytes = t.len(),
+                "stray upstream event on an idle connection dropped"
+            );
+            return None;
+        };
+        match tx.try_send(UpFrame::Event(t)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(f)) => Some((tx.clone(), f)),
+            Err(mpsc::error::TrySendError::Closed(_)) => None,
         }
-    };
-    let _ = tx.send(UpFrame::Ended(end)).await;
+    }
+
+    /// Tells the current lease how the connection ended.
+    async fn finish(&self, end: &UpEnd) {
+        let tx = self.route.lock().clone();
+        if let Some(tx) = tx {
+            let _ = tx.send(UpFrame::Ended(end.clone())).await;
+        }
+    }
+}
+
+/// Waits for room in the held event's channel; cancel-safe (the event stays held).
+async fn room_for(
+    held: &Option<Held>,
+) -> Result<mpsc::OwnedPermit<UpFrame>, mpsc::error::SendError<()>> {
+    match held {
+        Some((tx, _)) => tx.clone().reserve_owned().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }

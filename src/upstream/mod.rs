@@ -1,8 +1,10 @@
-//! Talking to upstream accounts. For now one upstream WebSocket per client session
-//! ([`conn`]); the pooled contexts of SPEC §7 grow from it.
+//! Talking to upstream accounts: the pool of contexts ([`pool`]), each an upstream WebSocket
+//! with one task for its life ([`conn`]), dialed with the client's identity ([`identity`]).
 
 pub mod conn;
 pub mod identity;
+pub mod pool;
 
-pub use conn::{dial, UpEnd, UpFrame, UpstreamConn};
+pub use conn::{ConnSettings, UpEnd, UpFrame};
 pub use identity::Identity;
+pub use pool::{Lease, Pool};
