@@ -110,7 +110,8 @@ pub fn plan(
             )
         })?
     } else {
-        build_events(&head, &outputs, input_tokens, cached, generate)
+        let delta = directives.delta_bytes.unwrap_or(12);
+        build_events(&head, &outputs, (input_tokens, cached), generate, delta)
     };
     context.extend(outputs.iter().map(OutputSpec::done_item));
     let store = req.get("store").and_then(Value::as_bool).unwrap_or(true);
@@ -351,9 +352,9 @@ fn answer_text(d: &Directives, last: Option<&Value>, after_tool: bool) -> String
 fn build_events(
     head: &ResponseHead,
     outputs: &[OutputSpec],
-    input_tokens: u64,
-    cached: u64,
+    (input_tokens, cached): (u64, u64),
     generate: bool,
+    delta_bytes: usize,
 ) -> Vec<Value> {
     let mut sink = EventSink::new();
     let lifecycle = head.object("in_progress", vec![], Value::Null);
@@ -364,7 +365,7 @@ fn build_events(
     let mut out_bytes = 0usize;
     let mut reasoning = 0u64;
     for (i, spec) in outputs.iter().enumerate() {
-        item_events(&mut sink, spec, i);
+        item_events(&mut sink, spec, i, delta_bytes);
         match spec {
             OutputSpec::Message { text, .. } => out_bytes += text.len(),
             OutputSpec::FunctionCall {

@@ -146,7 +146,12 @@ pub fn chunks(text: &str, chunk: usize) -> Vec<String> {
 }
 
 /// The events that stream one output item, `output_index` being its place in `output`.
-pub fn item_events(sink: &mut EventSink, spec: &OutputSpec, output_index: usize) {
+pub fn item_events(
+    sink: &mut EventSink,
+    spec: &OutputSpec,
+    output_index: usize,
+    delta_bytes: usize,
+) {
     let done = spec.done_item();
     match spec {
         OutputSpec::Reasoning { id, summary, .. } => {
@@ -180,7 +185,7 @@ pub fn item_events(sink: &mut EventSink, spec: &OutputSpec, output_index: usize)
             let part = |t: &str| json!({"type": "output_text", "text": t, "annotations": [], "logprobs": []});
             sink.push(json!({"type": "response.content_part.added", "item_id": id,
                 "output_index": output_index, "content_index": 0, "part": part("")}));
-            for d in chunks(text, 12) {
+            for d in chunks(text, delta_bytes) {
                 sink.push(json!({"type": "response.output_text.delta", "item_id": id,
                     "output_index": output_index, "content_index": 0, "delta": d, "logprobs": []}));
             }
@@ -236,7 +241,7 @@ mod tests {
             id: "msg_1".into(),
             text: "hello there, friend".into(),
         };
-        item_events(&mut sink, &spec, 0);
+        item_events(&mut sink, &spec, 0, 12);
         for (i, e) in sink.events.iter().enumerate() {
             assert_eq!(e["sequence_number"], i);
         }

@@ -16,6 +16,8 @@ pub struct Directives {
     pub reason: bool,
     /// `[[mock:text N]]`: answer with N words of text.
     pub words: Option<usize>,
+    /// `[[mock:delta BYTES]]`: text deltas of about this many bytes (default 12).
+    pub delta_bytes: Option<usize>,
     /// `[[mock:fixture NAME]]`: replay `proto-fixtures/NAME.jsonl` (ids rewritten).
     pub fixture: Option<String>,
     /// `[[mock:fault ...]]`: a fault for this request.
@@ -128,6 +130,7 @@ fn apply(d: &mut Directives, body: &str) {
         }
         "reason" => d.reason = true,
         "text" => d.words = args.parse().ok(),
+        "delta" => d.delta_bytes = args.parse().ok().filter(|n| *n > 0),
         "fixture" => d.fixture = Some(args.to_string()),
         "fault" => d.fault = Fault::parse(args).ok(),
         _ => {}

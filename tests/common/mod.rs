@@ -226,3 +226,24 @@ pub async fn eventually(cond: impl Fn() -> bool) {
     .await
     .expect("hang guard: condition never held");
 }
+
+/// A session whose TCP receive buffer is tiny (no autotuning), so a client that stops reading
+/// pushes back on the relay within a few kilobytes instead of megabytes.
+pub async fn ws_connect_small_buffer(addr: std::net::SocketAddr, key: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let mut req = format!("ws://{addr}/v1/responses")
+        .into_client_request()
+        .expect("request");
+    let v = HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+    req.headers_mut().insert("authorization", v);
+    let (ws, _) = tokio::time::timeout(
+        HANG_GUARD,
+        tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("hang guard: connect")
+    .expect("websocket connect");
+    ws
+}

@@ -1,0 +1,229 @@
+//! The upstream context pool seen through the relay (SPEC UP-1 … UP-4, UP-8, and the
+//! `upstream.*` limits): real relay, real mock upstream, real WebSocket clients.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn pool(env: &Env) -> Vec<switchyard::upstream::pool::ContextView> {
+    env.relay.app.pool.snapshot()
+}
+
+async fn expect_lost(ws: &mut Ws) -> Vec<Value> {
+    let events = read_turn(ws).await;
+    let last = events.last().expect("an event");
+    assert_eq!(last["type"], "error", "{events:?}");
+    assert_eq!(
+        (last["status"].as_u64(), last["error"]["code"].as_str()),
+        (Some(502), Some("upstream_connection_lost"))
+    );
+    events
+}
+
+#[tokio::test]
+async fn up1_a_session_keeps_its_context_and_a_new_session_reuses_an_idle_one() {
+    let env = relay("").await;
+    let mut a = env.connect().await;
+    for i in 0..3 {
+        send(&mut a, &create("gpt-test", &format!("turn {i}"))).await;
+        assert_eq!(
+            read_turn(&mut a).await.last().unwrap()["type"],
+            "response.completed"
+        );
+    }
+    assert_eq!(
+        env.mock.log().upgrades.len(),
+        1,
+        "one context across the session's turns"
+    );
+    drop(a);
+    eventually(|| pool(&env).iter().all(|c| c.leased_by.is_none())).await;
+    assert!(pool(&env)[0].open, "the context went back idle, still open");
+
+    let mut b = env.connect().await;
+    send(&mut b, &create("gpt-test", "fresh session")).await;
+    assert_eq!(
+        read_turn(&mut b).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(
+        env.mock.log().upgrades.len(),
+        1,
+        "the new session reused the idle context instead of dialing"
+    );
+    let conns: std::collections::HashSet<u64> =
+        env.mock.log().requests.iter().map(|r| r.conn).collect();
+    assert_eq!(conns.len(), 1);
+}
+
+#[tokio::test]
+async fn up1_concurrent_sessions_get_their_own_contexts() {
+    let env = relay("").await;
+    let (mut a, mut b) = (env.connect().await, env.connect().await);
+    send(&mut a, &create("gpt-test", "a")).await;
+    send(&mut b, &create("gpt-test", "b")).await;
+    read_turn(&mut a).await;
+    read_turn(&mut b).await;
+    assert_eq!(env.mock.log().upgrades.len(), 2);
+    let leased: Vec<_> = pool(&env).iter().filter_map(|c| c.leased_by).collect();
+    assert_eq!(leased.len(), 2, "each open session holds its own context");
+}
+
+#[tokio::test]
+async fn max_conns_refuses_a_session_beyond_it_with_no_capacity_and_the_socket_stays_open() {
+    let env = relay("    max_conns: 1\n").await;
+    let mut a = env.connect().await;
+    send(&mut a, &create("gpt-test", "holds the only context")).await;
+    read_turn(&mut a).await;
+    let mut b = env.connect().await;
+    send(&mut b, &create("gpt-test", "no room")).await;
+    let e = read_turn(&mut b).await;
+    assert_eq!(
+        (e[0]["status"].as_u64(), e[0]["error"]["code"].as_str()),
+        (Some(503), Some("no_capacity"))
+    );
+    drop(a);
+    eventually(|| pool(&env).iter().all(|c| c.leased_by.is_none())).await;
+    send(&mut b, &create("gpt-test", "room now")).await;
+    assert_eq!(
+        read_turn(&mut b).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(env.mock.log().upgrades.len(), 1);
+}
+
+#[tokio::test]
+async fn up3_an_idle_context_closed_upstream_is_replaced_on_the_next_turn() {
+    let env = relay("").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "one")).await;
+    read_turn(&mut ws).await;
+    env.mock.close_all(1001);
+    eventually(|| !pool(&env)[0].open).await;
+    send(&mut ws, &create("gpt-test", "two")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed",
+        "the client never noticed"
+    );
+    assert_eq!(env.mock.log().upgrades.len(), 2);
+    assert_eq!(pool(&env)[0].generation, 2);
+}
+
+#[tokio::test]
+async fn up4_a_missing_pong_during_a_turn_ends_it_with_502_and_the_next_turn_redials() {
+    let env = relay("upstream:\n  ping_interval: 20ms\n  pong_timeout: 100ms\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "[[mock:fault deaf after=2]]")).await;
+    let events = expect_lost(&mut ws).await;
+    assert_eq!(
+        events.len(),
+        3,
+        "created, in_progress, then the relay's 502: {events:?}"
+    );
+    send(&mut ws, &create("gpt-test", "again")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(env.mock.log().upgrades.len(), 2);
+}
+
+#[tokio::test]
+async fn up4_idle_contexts_are_pinged() {
+    let env = relay("upstream:\n  ping_interval: 20ms\n  pong_timeout: 1s\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "one")).await;
+    read_turn(&mut ws).await;
+    drop(ws);
+    eventually(|| env.mock.log().pings.values().sum::<u64>() >= 3).await;
+    assert!(pool(&env)[0].open);
+}
+
+#[tokio::test]
+async fn stream_idle_timeout_ends_a_silent_turn_with_502_and_closes_that_connection() {
+    let env = relay("upstream:\n  stream_idle_timeout: 100ms\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "[[mock:fault stall after=3]]")).await;
+    let events = expect_lost(&mut ws).await;
+    assert_eq!(events.len(), 4);
+    // The silent connection is closed by the relay: the mock sees its client go.
+    eventually(|| env.mock.log().stream_ends.iter().any(|e| e.end == "fault")).await;
+    send(&mut ws, &create("gpt-test", "again")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_client_is_not_upstream_silence() {
+    // One-slot pump, a client that does not read and a short idle timeout: megabytes of large
+    // deltas fill every buffer, so the relay waits on the client, which is not upstream silence.
+    let env = relay("session:\n  pump_channel: 1\nupstream:\n  stream_idle_timeout: 100ms\n").await;
+    let mut ws = ws_connect_small_buffer(env.relay.addr, KEY).await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:text 800000]] [[mock:delta 16384]]"),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await; // the client reads nothing meanwhile
+    let events = read_turn(&mut ws).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+}
+
+#[tokio::test]
+async fn upstream_max_message_bytes_breaks_the_context_on_an_oversized_event() {
+    let env = relay("upstream:\n  max_message_bytes: 2048\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "[[mock:text 600]]")).await;
+    let events = expect_lost(&mut ws).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "response.output_text.delta"),
+        "small events passed"
+    );
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|e| e["type"] != "response.completed"));
+    send(&mut ws, &create("gpt-test", "short")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(
+        env.mock.log().upgrades.len(),
+        2,
+        "the oversized event's connection was replaced"
+    );
+}
+
+#[tokio::test]
+async fn tp4_a_client_leaving_mid_turn_closes_only_that_context_and_leaks_nothing() {
+    let env = relay("").await;
+    let mut ws = env.connect().await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:text 300]] [[mock:fault slow 10ms]]"),
+    )
+    .await;
+    for _ in 0..3 {
+        assert!(matches!(next_frame(&mut ws).await, Frame::Event(_)));
+    }
+    drop(ws);
+    eventually(|| env.mock.log().client_closes.len() == 1).await;
+    eventually(|| pool(&env).iter().all(|c| c.leased_by.is_none() && !c.open)).await;
+    let mut again = env.connect().await;
+    send(
+        &mut again,
+        &json!({"type": "response.create", "model": "gpt-test", "input": "next"}),
+    )
+    .await;
+    assert_eq!(
+        read_turn(&mut again).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(pool(&env).len(), 1, "the context was reused, redialed");
+}
