@@ -15,6 +15,8 @@ pub mod metric {
     pub const UPSTREAM_DIALS: &str = "switchyard_upstream_dials_total";
     pub const UPSTREAM_REUSES: &str = "switchyard_upstream_reuses_total";
     pub const UPSTREAM_BROKEN: &str = "switchyard_upstream_broken_total";
+    pub const REPLAYS: &str = "switchyard_transcript_replays_total";
+    pub const RETRIES: &str = "switchyard_turn_retries_total";
     pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
     pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";

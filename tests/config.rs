@@ -60,9 +60,18 @@ fn example_config_matches_the_defaults() {
         cfg.session.client_ping_interval,
         defaults.session.client_ping_interval
     );
+    let (l, dl) = (&cfg.limits, &defaults.limits);
     assert_eq!(
-        cfg.limits.max_client_message_bytes,
-        defaults.limits.max_client_message_bytes
+        (
+            l.max_client_message_bytes,
+            l.max_transcript_bytes,
+            l.max_transcript_bytes_total
+        ),
+        (
+            dl.max_client_message_bytes,
+            dl.max_transcript_bytes,
+            dl.max_transcript_bytes_total
+        )
     );
     let (u, d) = (&cfg.upstream, &defaults.upstream);
     assert_eq!(
@@ -71,14 +80,16 @@ fn example_config_matches_the_defaults() {
             u.pong_timeout,
             u.dial_timeout,
             u.max_message_bytes,
-            u.stream_idle_timeout
+            u.stream_idle_timeout,
+            u.retry_budget
         ),
         (
             d.ping_interval,
             d.pong_timeout,
             d.dial_timeout,
             d.max_message_bytes,
-            d.stream_idle_timeout
+            d.stream_idle_timeout,
+            d.retry_budget
         )
     );
     assert_eq!(cfg.keys.len(), 1);
@@ -184,6 +195,9 @@ fn spec2_defaults() {
         assert!(cfg.keys.is_empty());
         assert!(cfg.accounts.is_empty());
         assert_eq!(cfg.limits.max_client_message_bytes, 33_554_432);
+        assert_eq!(cfg.limits.max_transcript_bytes, 67_108_864);
+        assert_eq!(cfg.limits.max_transcript_bytes_total, 2_147_483_648);
+        assert_eq!(cfg.upstream.retry_budget, 1);
         assert_eq!(cfg.upstream.ping_interval, Duration::from_secs(20));
         assert_eq!(cfg.upstream.pong_timeout, Duration::from_secs(5));
         assert_eq!(cfg.upstream.dial_timeout, Duration::from_secs(10));
@@ -238,8 +252,11 @@ upstream:
   dial_timeout: 3s
   max_message_bytes: 1024
   stream_idle_timeout: 4m
+  retry_budget: 3
 limits:
   max_client_message_bytes: 4096
+  max_transcript_bytes: 2048
+  max_transcript_bytes_total: 8192
 session:
   client_ping_interval: 250ms
   client_idle_timeout: 2m
@@ -262,7 +279,10 @@ session:
     assert_eq!(cfg.upstream.dial_timeout, Duration::from_secs(3));
     assert_eq!(cfg.upstream.max_message_bytes, 1024);
     assert_eq!(cfg.upstream.stream_idle_timeout, Duration::from_secs(240));
+    assert_eq!(cfg.upstream.retry_budget, 3);
     assert_eq!(cfg.limits.max_client_message_bytes, 4096);
+    assert_eq!(cfg.limits.max_transcript_bytes, 2048);
+    assert_eq!(cfg.limits.max_transcript_bytes_total, 8192);
     assert_eq!(cfg.session.client_ping_interval, Duration::from_millis(250));
     assert_eq!(cfg.session.client_idle_timeout, Duration::from_secs(120));
     assert_eq!(cfg.session.max_held_errors, 2);
@@ -371,6 +391,26 @@ fn op4_every_bad_value_names_its_path() {
             "limits.max_client_message_bytes",
         ),
         (
+            "limits: {max_transcript_bytes: 1023}".into(),
+            "limits.max_transcript_bytes",
+        ),
+        (
+            "limits: {max_transcript_bytes: 64MB}".into(),
+            "limits.max_transcript_bytes",
+        ),
+        (
+            "limits: {max_transcript_bytes_total: -1}".into(),
+            "limits.max_transcript_bytes_total",
+        ),
+        (
+            "limits: {max_transcript_bytes_total: 67108863}".into(),
+            "limits.max_transcript_bytes_total",
+        ),
+        (
+            "limits: {max_transcript_bytes: 4096, max_transcript_bytes_total: 4095}".into(),
+            "limits.max_transcript_bytes_total",
+        ),
+        (
             "session: {client_ping_interval: 20}".into(),
             "session.client_ping_interval",
         ),
@@ -440,7 +480,15 @@ fn op4_every_bad_value_names_its_path() {
         ("upstream: {max_age: 55m}".into(), "upstream.max_age"),
         ("upstream: {min_idle: 1}".into(), "upstream.min_idle"),
         (
-            "upstream: {retry_budget: 1}".into(),
+            "upstream: {retry_budget: -1}".into(),
+            "upstream.retry_budget",
+        ),
+        (
+            "upstream: {retry_budget: twice}".into(),
+            "upstream.retry_budget",
+        ),
+        (
+            "upstream: {retry_budget: 1.5}".into(),
             "upstream.retry_budget",
         ),
         ("upstream: {force_http: true}".into(), "upstream.force_http"),
@@ -486,6 +534,58 @@ fn op4_upstream_errors_are_all_reported() {
     );
     let empty = Config::from_yaml_str("upstream:\n").unwrap();
     assert_eq!(empty.upstream.ping_interval, Duration::from_secs(20));
+}
+
+/// CT-8/CT-9 and CT-6 knobs: `retry_budget: 0` is allowed (never retry); the total transcript
+/// limit may equal the per-session one but not be below it, and that is reported at the total.
+#[test]
+fn spec2_retry_budget_and_transcript_limits() {
+    let cfg = Config::from_yaml_str(
+        "upstream: {retry_budget: 0}\n\
+         limits: {max_transcript_bytes: 1024, max_transcript_bytes_total: 1024}\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.upstream.retry_budget, 0);
+    assert_eq!(
+        (
+            cfg.limits.max_transcript_bytes,
+            cfg.limits.max_transcript_bytes_total
+        ),
+        (1024, 1024)
+    );
+    // A smaller per-session limit alone is fine against the default total.
+    let cfg = Config::from_yaml_str("limits: {max_transcript_bytes: 4096}").unwrap();
+    assert_eq!(cfg.limits.max_transcript_bytes_total, 2_147_483_648);
+
+    let errs = errors("limits: {max_transcript_bytes: 8192, max_transcript_bytes_total: 4096}");
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["limits.max_transcript_bytes_total"], "{errs}");
+    assert!(errs.to_string().contains("8192"), "{errs}");
+
+    // A bad per-session value is reported once; its stand-in default is not held against the
+    // total.
+    let errs = errors("limits: {max_transcript_bytes: lots, max_transcript_bytes_total: 2048}");
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["limits.max_transcript_bytes"], "{errs}");
+
+    // Through the binary, with the path.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "limits.yaml",
+        "upstream:\n  retry_budget: -2\nlimits:\n  max_transcript_bytes: 100\n  \
+         max_transcript_bytes_total: 50\n",
+    );
+    let out = check_config(&file, &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "upstream.retry_budget:",
+        "limits.max_transcript_bytes:",
+        "limits.max_transcript_bytes_total:",
+    ] {
+        assert!(stderr.contains(path), "{path}: {stderr}");
+    }
 }
 
 /// SPEC §2 `*_env`: secrets read from the environment at load.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 use switchyard::mock::{MockOptions, MockUpstream};
+use switchyard::protocol::classify::{classify_error_event, ErrorClass};
 use tokio_tungstenite::tungstenite::Message;
 
 async fn mock() -> MockUpstream {
@@ -511,6 +512,170 @@ async fn forget_drops_every_connection_cache() {
     assert_eq!(
         read_turn(&mut ws).await[0]["error"]["code"],
         "previous_response_not_found"
+    );
+}
+
+/// CT-8: `[[mock:fault forget]]` loses the connection's cache just before the request, so a
+/// fast-path request chained from the connection's last `store:false` response fails with 400
+/// `previous_response_not_found` (an error event only, no lifecycle events) and the socket goes
+/// on. A stored (`store:true`) response still resolves, as on the real service.
+#[tokio::test]
+async fn ct8_forget_fault_fails_the_fast_path_with_previous_response_not_found() {
+    let m = mock().await;
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    let mut first = create("gpt-test", "one");
+    first["store"] = json!(false);
+    send(&mut ws, &first).await;
+    let id = response_id(&read_turn(&mut ws).await);
+    let mut next = chained(&id, "two [[mock:fault forget]]");
+    next["store"] = json!(false);
+    send(&mut ws, &next).await;
+    let err = read_turn(&mut ws).await;
+    assert_eq!(types(&err), ["error"]);
+    assert_eq!(err[0]["status"], 400);
+    assert_eq!(err[0]["error"]["type"], "invalid_request_error");
+    assert_eq!(err[0]["error"]["code"], "previous_response_not_found");
+    assert_eq!(err[0]["error"]["param"], "previous_response_id");
+    let c = classify_error_event(&err[0].to_string());
+    assert_eq!(c.class, ErrorClass::PreviousResponseNotFound);
+    assert!(c.retry_before_output);
+
+    // The socket is still usable; a full-input request answers.
+    send(&mut ws, &first).await;
+    let id = response_id(&read_turn(&mut ws).await);
+    // Without the fault the same chain works (the fault, not the chain, failed it).
+    let mut ok = chained(&id, "two");
+    ok["store"] = json!(false);
+    send(&mut ws, &ok).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+
+    // Stored responses survive the lost cache.
+    send(&mut ws, &create("gpt-test", "stored")).await;
+    let stored = response_id(&read_turn(&mut ws).await);
+    send(&mut ws, &chained(&stored, "next [[mock:fault forget]]")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+}
+
+/// CT-9: `[[mock:fault limit after=N]]` sends N events, then the age limit's
+/// `websocket_connection_limit_reached` error (400, invalid_request_error), then closes 1000.
+#[tokio::test]
+async fn ct9_limit_fault_sends_the_limit_error_then_closes_1000() {
+    let m = mock().await;
+    for after in [0usize, 2, 4] {
+        let mut ws = ws_connect(&ws_url(&m), "k1").await;
+        let text = format!("[[mock:text 20]] [[mock:fault limit after={after}]]");
+        send(&mut ws, &create("gpt-test", &text)).await;
+        let (events, end) = read_until_end(&mut ws).await;
+        assert_eq!(events.len(), after + 1, "{events:?}");
+        let e = events.last().unwrap();
+        assert_eq!(e["type"], "error");
+        assert_eq!(e["status"], 400);
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert_eq!(e["error"]["code"], "websocket_connection_limit_reached");
+        assert!(end.is_none());
+        assert_eq!(next_frame(&mut ws).await, Frame::Closed(Some(1000)));
+        let c = classify_error_event(&e.to_string());
+        assert_eq!(c.class, ErrorClass::ConnectionLimit);
+        assert!(c.retry_before_output && !c.server_fault);
+    }
+    let ends = m.log().stream_ends;
+    assert_eq!(
+        ends.iter()
+            .map(|e| (e.sent, e.end.as_str()))
+            .collect::<Vec<_>>(),
+        [(0, "error"), (2, "error"), (4, "error")]
+    );
+    // A fresh connection works, and the fault also comes from the control API.
+    m.push_fault("limit after=0").unwrap();
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    send(&mut ws, &create("gpt-test", "x")).await;
+    let (events, _) = read_until_end(&mut ws).await;
+    assert_eq!(
+        events[0]["error"]["code"],
+        "websocket_connection_limit_reached"
+    );
+    assert_eq!(next_frame(&mut ws).await, Frame::Closed(Some(1000)));
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    send(&mut ws, &create("gpt-test", "x")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+}
+
+/// Opens a WebSocket and returns the handshake response too.
+async fn connect_with_response(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut()
+        .insert("authorization", HeaderValue::from_static("Bearer k1"));
+    for (k, v) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName =
+            k.parse().expect("header name");
+        req.headers_mut()
+            .insert(name, HeaderValue::from_str(v).expect("header value"));
+    }
+    tokio::time::timeout(HANG_GUARD, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("hang guard: connect")
+        .expect("websocket connect")
+}
+
+/// WS-7: the mock answers every accepted upgrade with `x-codex-turn-state` (`ts-<conn>`), or
+/// echoes the value the request carried; the request headers are still logged.
+#[tokio::test]
+async fn ws7_upgrade_answers_with_x_codex_turn_state() {
+    let m = mock().await;
+    let (mut a, resp) = connect_with_response(&ws_url(&m), &[]).await;
+    assert_eq!(resp.status().as_u16(), 101);
+    let first = resp.headers()["x-codex-turn-state"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(first, format!("ts-{}", m.log().upgrades[0].conn));
+    let (_b, resp) = connect_with_response(&ws_url(&m), &[]).await;
+    let second = resp.headers()["x-codex-turn-state"].to_str().unwrap();
+    assert_eq!(second, format!("ts-{}", m.log().upgrades[1].conn));
+    assert_ne!(first, second, "one value per connection");
+
+    let (_c, resp) = connect_with_response(&ws_url(&m), &[("x-codex-turn-state", &first)]).await;
+    assert_eq!(resp.headers()["x-codex-turn-state"], first.as_str());
+    let (_d, resp) =
+        connect_with_response(&ws_url(&m), &[("x-codex-turn-state", "opaque-from-client")]).await;
+    assert_eq!(resp.headers()["x-codex-turn-state"], "opaque-from-client");
+
+    let log = m.log();
+    assert_eq!(log.upgrades.len(), 4);
+    assert!(!log.upgrades[0].headers.contains_key("x-codex-turn-state"));
+    assert_eq!(
+        log.upgrades[2].headers.get("x-codex-turn-state"),
+        Some(&first)
+    );
+    assert_eq!(
+        log.upgrades[3]
+            .headers
+            .get("x-codex-turn-state")
+            .map(String::as_str),
+        Some("opaque-from-client")
+    );
+    // The socket behind the header is an ordinary one.
+    send(&mut a, &create("gpt-test", "hi")).await;
+    assert_eq!(
+        read_turn(&mut a).await.last().unwrap()["type"],
+        "response.completed"
     );
 }
 

@@ -279,6 +279,8 @@ pub struct UpstreamConfig {
     /// No upstream event for this long during a turn is handled as CT-9.
     #[serde(deserialize_with = "value::duration")]
     pub stream_idle_timeout: Duration,
+    /// Transparent retries of one turn on a fresh context (CT-8/CT-9); 0 never retries.
+    pub retry_budget: u32,
 }
 
 impl Default for UpstreamConfig {
@@ -289,23 +291,31 @@ impl Default for UpstreamConfig {
             dial_timeout: Duration::from_secs(10),
             max_message_bytes: 64 * 1024 * 1024,
             stream_idle_timeout: Duration::from_secs(240),
+            retry_budget: 1,
         }
     }
 }
 
-/// Size limits on what clients send.
+/// Size limits on what clients send and on what the relay keeps for them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a mapping of limits")]
 pub struct LimitsConfig {
     /// Largest client frame or request body in bytes (WS-6). Codex sends whole transcripts, so
     /// the default is generous.
     pub max_client_message_bytes: u64,
+    /// Largest transcript one session keeps for replay, in bytes (CT-6).
+    pub max_transcript_bytes: u64,
+    /// All sessions' transcripts together, in bytes; the least recently used session's is
+    /// evicted first (CT-6). At least `max_transcript_bytes`.
+    pub max_transcript_bytes_total: u64,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_client_message_bytes: 32 * 1024 * 1024,
+            max_transcript_bytes: 64 * 1024 * 1024,
+            max_transcript_bytes_total: 2 * 1024 * 1024 * 1024,
         }
     }
 }

@@ -392,6 +392,30 @@ fn ranges_are_checked() {
 }
 
 #[test]
+fn transcript_limits_and_retry_budget() {
+    let cfg = parse("upstream: {retry_budget: 0}\nlimits: {max_transcript_bytes: 1024}").unwrap();
+    assert_eq!(cfg.upstream.retry_budget, 0);
+    assert_eq!(cfg.limits.max_transcript_bytes, 1024);
+    let errs = errors("limits: {max_transcript_bytes: 1023, max_transcript_bytes_total: 1000}");
+    assert_eq!(
+        message_at(&errs, "limits.max_transcript_bytes"),
+        "must be at least 1024"
+    );
+    assert_eq!(
+        message_at(&errs, "limits.max_transcript_bytes_total"),
+        "must be at least limits.max_transcript_bytes (1023)"
+    );
+    let errs = errors("upstream: {retry_budget: 4294967296}");
+    assert!(errs.has_path("upstream.retry_budget"), "{errs}");
+    let mut cfg = Config::default();
+    cfg.limits.max_transcript_bytes_total = cfg.limits.max_transcript_bytes - 1;
+    assert!(cfg
+        .validate()
+        .unwrap_err()
+        .has_path("limits.max_transcript_bytes_total"));
+}
+
+#[test]
 fn upstream_keys_parse_and_are_range_checked() {
     let cfg = parse(
         "upstream: {ping_interval: 250ms, pong_timeout: 1s, dial_timeout: 2s, \

@@ -24,6 +24,10 @@ const MIN_CLIENT_MESSAGE_BYTES: u64 = 1024;
 /// The smallest sensible upstream event limit: below it even `response.created` is refused.
 const MIN_UPSTREAM_MESSAGE_BYTES: u64 = 1024;
 
+/// The smallest sensible per-session transcript limit: below it not even one short exchange
+/// could be replayed.
+const MIN_TRANSCRIPT_BYTES: u64 = 1024;
+
 struct Checker<'a> {
     errors: Vec<ConfigError>,
     /// Paths `parse` already reported and pruned; their default stand-ins are not judged again.
@@ -102,10 +106,30 @@ fn check_upstream(cfg: &Config, c: &mut Checker<'_>) {
 }
 
 fn check_limits(cfg: &Config, c: &mut Checker<'_>) {
-    if cfg.limits.max_client_message_bytes < MIN_CLIENT_MESSAGE_BYTES {
+    let l = &cfg.limits;
+    if l.max_client_message_bytes < MIN_CLIENT_MESSAGE_BYTES {
         c.error(
             "limits.max_client_message_bytes",
             format!("must be at least {MIN_CLIENT_MESSAGE_BYTES}"),
+        );
+    }
+    if l.max_transcript_bytes < MIN_TRANSCRIPT_BYTES {
+        c.error(
+            "limits.max_transcript_bytes",
+            format!("must be at least {MIN_TRANSCRIPT_BYTES}"),
+        );
+    }
+    // Judged against the per-session limit only when that one was read from the file (or
+    // defaulted), not when a type error left its default standing in.
+    if !c.pruned("limits.max_transcript_bytes")
+        && l.max_transcript_bytes_total < l.max_transcript_bytes
+    {
+        c.error(
+            "limits.max_transcript_bytes_total",
+            format!(
+                "must be at least limits.max_transcript_bytes ({})",
+                l.max_transcript_bytes
+            ),
         );
     }
 }

@@ -131,16 +131,19 @@ impl Default for EventSink {
 
 /// Splits text into deltas of about `chunk` characters, on char boundaries.
 pub fn chunks(text: &str, chunk: usize) -> Vec<String> {
+    let chunk = chunk.max(1);
     let mut out = Vec::new();
-    let mut cur = String::new();
-    for c in text.chars() {
-        cur.push(c);
-        if cur.len() >= chunk {
-            out.push(std::mem::take(&mut cur));
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + chunk).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
         }
+        out.push(text[start..end].to_string());
+        start = end;
     }
-    if !cur.is_empty() || out.is_empty() {
-        out.push(cur);
+    if out.is_empty() {
+        out.push(String::new());
     }
     out
 }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::engine::{self, ApiError, Plan};
 use super::script::{Fault, FaultKind};
 use super::state::{MockState, SeenRequest, StreamEnd};
-use super::ws::status_error;
+use super::ws::{connection_limit, status_error};
 use crate::protocol::frames::{sse_error, sse_event};
 
 pub async fn create(state: Arc<MockState>, account: String, body: Bytes) -> Response {
@@ -62,6 +62,7 @@ async fn json_response(state: &MockState, plan: Plan, fault: Option<Fault>) -> R
         Some(FaultKind::Error { status, code }) => {
             return error_response(&status_error(status, &code))
         }
+        Some(FaultKind::Limit) => return error_response(&connection_limit()),
         Some(FaultKind::Stall) | Some(FaultKind::Deaf) => std::future::pending::<()>().await,
         Some(FaultKind::Close(_)) | Some(FaultKind::Eof) => {
             return (StatusCode::BAD_GATEWAY, "mock fault: connection dropped").into_response()
@@ -151,6 +152,13 @@ async fn pump_sse(tx: &SseTx, plan: &Plan, fault: Option<Fault>) -> (usize, &'st
                 FaultKind::Error { code, .. } => {
                     let data =
                         sse_error(code, &format!("mock fault: {code}"), None, i as u64).to_string();
+                    let _ = tx.send(Ok(Bytes::from(sse_event("error", &data)))).await;
+                    return (i, "error");
+                }
+                FaultKind::Limit => {
+                    let e = connection_limit();
+                    let code = e.code.as_deref().unwrap_or_default();
+                    let data = sse_error(code, &e.message, None, i as u64).to_string();
                     let _ = tx.send(Ok(Bytes::from(sse_event("error", &data)))).await;
                     return (i, "error");
                 }

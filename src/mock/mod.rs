@@ -4,7 +4,8 @@
 //! - WebSocket `GET /v1/responses` (also `/responses`): one response at a time per connection,
 //!   a connection-local cache of the most recent response (`store:false` chains only there),
 //!   `previous_response_not_found`, `generate:false` warm-ups, a connection age limit
-//!   (`websocket_connection_limit_reached`).
+//!   (`websocket_connection_limit_reached`). Every accepted upgrade is answered with an
+//!   `x-codex-turn-state` header: the request's own value if it sent one, else `ts-<conn>`.
 //! - `POST /v1/responses`: SSE with `stream:true`, else the final response as JSON.
 //! - Per account (one per API key): stored (`store:true`) responses, chainable from any
 //!   connection of that account; encrypted reasoning that verifies only on its own account.
@@ -32,7 +33,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{OriginalUri, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -213,10 +214,28 @@ async fn upgrade(
             headers: seen,
         })
     });
+    let turn_state = turn_state(&headers, conn);
     // Registered before the 101 goes out, so a client that sees the socket open can rely on
     // `open_connections`, `deafen_all` and `close_all` covering it.
     let guard = state.register_conn(conn);
-    ws.on_upgrade(move |socket| ws::serve_socket(state, socket, conn, account, guard))
+    let mut resp =
+        ws.on_upgrade(move |socket| ws::serve_socket(state, socket, conn, account, guard));
+    resp.headers_mut().insert(TURN_STATE, turn_state);
+    resp
+}
+
+/// The handshake response header the real service may set and the client must send back on
+/// its later dials (WS-7).
+pub const TURN_STATE: &str = "x-codex-turn-state";
+
+/// The `x-codex-turn-state` to answer an upgrade with: the one the request carried, else a
+/// fresh `ts-<conn>`.
+fn turn_state(headers: &HeaderMap, conn: u64) -> HeaderValue {
+    match headers.get(TURN_STATE) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from_str(&format!("ts-{conn}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("ts-0")),
+    }
 }
 
 fn handshake_refusal(f: &HandshakeFault) -> Response {

@@ -50,13 +50,18 @@ pub enum FaultKind {
     Slow(Duration),
     /// Send an `error` event with this status and code instead of the rest of the response.
     Error { status: u16, code: String },
-    /// Forget the connection's response cache before handling the request.
+    /// Forget the connection's response cache before handling the request, so chaining from
+    /// the connection's last `store:false` response fails with `previous_response_not_found`
+    /// (as when the upstream lost its cache behind the relay's back, CT-8).
     Forget,
+    /// Send the `websocket_connection_limit_reached` error (status 400) as the age limit does,
+    /// then close with 1000 (CT-9). Over HTTP it acts as that `error` event.
+    Limit,
 }
 
 impl Fault {
     /// Parses `KIND [ARGS] [after=N] [once=NAME]`, e.g. `close 1012 after=3`,
-    /// `error 500 server_error`, `slow 20ms`, `eof after=0 once=a`.
+    /// `error 500 server_error`, `slow 20ms`, `eof after=0 once=a`, `limit after=0`.
     pub fn parse(text: &str) -> Result<Fault, String> {
         let mut words = text.split_whitespace();
         let verb = words.next().ok_or("empty fault")?;
@@ -91,6 +96,7 @@ impl Fault {
                 code: arg(1)?.to_string(),
             },
             "forget" => FaultKind::Forget,
+            "limit" => FaultKind::Limit,
             other => return Err(format!("unknown fault {other:?}")),
         };
         // Default point of action: after the lifecycle events, i.e. before any output.
@@ -173,6 +179,24 @@ mod tests {
                 status: 429,
                 code: "rate_limit_exceeded".into()
             })
+        );
+    }
+
+    #[test]
+    fn limit_parses_with_its_point_of_action() {
+        assert_eq!(
+            Fault::parse("limit after=0 once=l"),
+            Ok(Fault {
+                kind: FaultKind::Limit,
+                after: 0,
+                once: Some("l".into())
+            })
+        );
+        assert_eq!(Fault::parse("limit").map(|f| f.after), Ok(2));
+        let d = parse_directives("[[mock:fault limit after=4]]");
+        assert_eq!(
+            d.fault.map(|f| (f.kind, f.after)),
+            Some((FaultKind::Limit, 4))
         );
     }
 

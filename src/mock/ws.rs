@@ -212,12 +212,7 @@ impl Conn {
             })
         });
         if self.started.elapsed() >= self.state.opts.max_age {
-            let e = invalid(
-                "websocket_connection_limit_reached",
-                "Responses websocket connection limit reached. Create a new websocket connection to continue.",
-                None,
-            );
-            self.send(&e.ws_frame()).await;
+            self.send(&connection_limit().ws_frame()).await;
             return Flow::Close(1000, "connection age limit");
         }
         if req.get("background").and_then(Value::as_bool) == Some(true) {
@@ -324,6 +319,10 @@ impl Conn {
                 };
                 Some(("error", flow))
             }
+            FaultKind::Limit => {
+                self.send(&connection_limit().ws_frame()).await;
+                Some(("error", Flow::Close(1000, "connection age limit")))
+            }
             FaultKind::Slow(_) | FaultKind::Forget => None,
         }
     }
@@ -367,6 +366,15 @@ fn ws_shape(event: &Value) -> std::borrow::Cow<'_, Value> {
         e.message = m.to_string();
     }
     std::borrow::Cow::Owned(e.ws_frame())
+}
+
+/// The error the real service sends when a connection reaches its age limit (SPEC §1).
+pub fn connection_limit() -> ApiError {
+    invalid(
+        "websocket_connection_limit_reached",
+        "Responses websocket connection limit reached. Create a new websocket connection to continue.",
+        None,
+    )
 }
 
 fn invalid(code: &str, message: &str, param: Option<&str>) -> ApiError {

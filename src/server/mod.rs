@@ -13,12 +13,14 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::config::Config;
+use crate::session::transcript::TranscriptBudget;
 use crate::upstream::{ConnSettings, Pool};
 
 /// What every handler shares.
 pub struct App {
     pub cfg: Arc<Config>,
     pub pool: Arc<Pool>,
+    pub budget: Arc<TranscriptBudget>,
     pub next_session: AtomicU64,
 }
 
@@ -86,9 +88,12 @@ impl App {
             max_message_bytes: usize::try_from(u.max_message_bytes).unwrap_or(usize::MAX),
         };
         let pool = Pool::new(settings);
+        let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
+        let budget = Arc::new(TranscriptBudget::new(total));
         Arc::new(App {
             cfg: Arc::new(cfg),
             pool,
+            budget,
             next_session: AtomicU64::new(1),
         })
     }

@@ -73,6 +73,7 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
     let params = SessionParams {
         cfg: app.cfg.clone(),
         pool: app.pool.clone(),
+        budget: app.budget.clone(),
         key_id: key.id.clone(),
         identity: Identity::from_headers(headers),
         id: app.next_session.fetch_add(1, Ordering::Relaxed),

@@ -1,16 +1,15 @@
-//! The session's reactions: client frames, upstream events, dials, pings, and the end.
+//! The session's reactions on the client side: frames, the start of a turn, pings, the end.
 
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use super::turn::{terminal_outcome, Turn, TurnStatus};
+use super::turn::{Turn, TurnStart, TurnStatus};
 use super::{Session, Step, Wake};
 use crate::error::{RelayError, Side};
 use crate::protocol::client::{self, ClientFrame, CreateRequest};
-use crate::protocol::peek::{self, EventClass};
 use crate::scheduler;
 use crate::telemetry::metric;
-use crate::upstream::{Lease, UpEnd, UpFrame};
+use crate::upstream::UpEnd;
 
 impl Session {
     pub(super) async fn handle(&mut self, wake: Wake) -> Step {
@@ -115,15 +114,23 @@ impl Session {
         let account = account.clone();
         self.last_model = Some(model.clone());
         self.turns += 1;
-        let warm_up = req.is_warm_up();
-        let text = upstream_text(req, &model);
-        self.turn = Some(Turn::new(
-            self.turns,
+        if self.p.budget.take_evicted(self.p.id) {
+            self.transcript = None;
+        }
+        let chained = req.previous_response_id().is_some();
+        let text = upstream_text(&req, &model);
+        let mut body = req.body;
+        body.insert("type".into(), Value::String("response.create".into()));
+        body.insert("model".into(), Value::String(model.clone()));
+        self.turn = Some(Turn::new(TurnStart {
+            seq: self.turns,
             model,
-            account.id.clone(),
-            warm_up,
+            account_id: account.id.clone(),
             text,
-        ));
+            body,
+            chained,
+            retry_budget: self.p.cfg.upstream.retry_budget,
+        }));
         if self
             .upstream
             .as_ref()
@@ -134,138 +141,8 @@ impl Session {
         if self.upstream.is_some() {
             return self.write_request().await;
         }
-        let (pool, identity) = (self.p.pool.clone(), self.p.identity.clone());
-        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
-        self.dialing = Some(tokio::spawn(async move {
-            pool.lease(&account, session, &identity, depth).await
-        }));
+        self.lease(account);
         Step::Go
-    }
-
-    async fn on_dialed(
-        &mut self,
-        r: Result<Result<Lease, RelayError>, tokio::task::JoinError>,
-    ) -> Step {
-        self.dialing = None;
-        match r {
-            Ok(Ok(conn)) => {
-                self.upstream = Some(conn);
-                self.write_request().await
-            }
-            Ok(Err(e)) => self.fail_turn(e),
-            Err(e) => self.fail_turn(
-                RelayError::new(Side::Internal, 500, "server_error", "internal_error")
-                    .message(format!("dial task failed: {e}")),
-            ),
-        }
-    }
-
-    async fn write_request(&mut self) -> Step {
-        let (Some(turn), Some(up)) = (self.turn.as_mut(), self.upstream.as_mut()) else {
-            return Step::Go;
-        };
-        let Some(text) = turn.request.take() else {
-            return Step::Go;
-        };
-        match up.send_text(text).await {
-            Ok(()) => {
-                turn.mark_written();
-                self.arm_silence();
-                Step::Go
-            }
-            Err(e) => {
-                if let Some(up) = self.upstream.take() {
-                    up.break_connection(UpEnd::Io(e.message.clone()));
-                }
-                self.fail_turn(e)
-            }
-        }
-    }
-
-    fn on_upstream(&mut self, f: Option<UpFrame>) -> Step {
-        let text = match f {
-            Some(UpFrame::Event(text)) => text,
-            Some(UpFrame::Ended(end)) => return self.upstream_ended(end),
-            None => return self.upstream_ended(UpEnd::Io("upstream reader ended".into())),
-        };
-        let Some(turn) = self.turn.as_mut() else {
-            tracing::debug!(bytes = text.len(), "upstream event outside a turn dropped");
-            return Step::Go;
-        };
-        let class =
-            peek::event_type(text.as_str()).map_or(EventClass::Output, |t| peek::classify(&t));
-        turn.on_event(class);
-        self.silent_at =
-            Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
-        let outcome = class
-            .is_terminal()
-            .then(|| terminal_outcome(class, text.as_str()));
-        self.out.push(Message::Text(text));
-        if let Some((status, id)) = outcome {
-            self.end_turn(status, id);
-        }
-        Step::Go
-    }
-
-    /// The upstream connection is gone. During a turn the client gets 502 (CT-9's final
-    /// answer; transparent retry arrives with continuity); between turns the next turn redials.
-    fn upstream_ended(&mut self, end: UpEnd) -> Step {
-        self.upstream = None;
-        if self.turn.is_none() {
-            tracing::debug!(?end, "idle upstream connection ended");
-            return Step::Go;
-        }
-        self.fail_turn(RelayError::upstream_lost(end.describe()))
-    }
-
-    /// The running turn's upstream went silent: its connection is closed and the turn gets
-    /// 502 (CT-9's final answer until transparent retry lands).
-    fn on_silence(&mut self) -> Step {
-        if let Some(up) = self.upstream.take() {
-            up.break_connection(UpEnd::Silent);
-        }
-        self.fail_turn(RelayError::upstream_lost(UpEnd::Silent.describe()))
-    }
-
-    fn arm_silence(&mut self) {
-        if self.turn.is_some() {
-            self.silent_at =
-                Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
-        }
-    }
-
-    /// Ends the running turn with a relay-made error frame.
-    fn fail_turn(&mut self, e: RelayError) -> Step {
-        tracing::warn!(side = e.side.as_str(), code = %e.code, message = %e.message, "turn failed");
-        self.out.push_json(&e.ws_frame());
-        self.end_turn(TurnStatus::UpstreamLost, None);
-        Step::Go
-    }
-
-    /// After a terminal: the context advances on completed/incomplete and turns cold
-    /// otherwise; the held errors follow the terminal.
-    fn end_turn(&mut self, status: TurnStatus, response_id: Option<String>) {
-        let Some(mut turn) = self.turn.take() else {
-            return;
-        };
-        self.silent_at = None;
-        match status {
-            TurnStatus::Completed | TurnStatus::Incomplete => {
-                self.last_response_id = response_id.clone();
-                if let Some(up) = self.upstream.as_ref() {
-                    up.set_holds(response_id);
-                }
-            }
-            _ => {
-                if let Some(up) = self.upstream.as_ref() {
-                    up.set_holds(None);
-                }
-            }
-        }
-        record(&mut turn, status);
-        for e in std::mem::take(&mut self.held) {
-            self.out.push_json(&e.ws_frame());
-        }
     }
 
     fn on_ping(&mut self) -> Step {
@@ -314,21 +191,17 @@ fn client_error(e: tungstenite::Error) -> Step {
 
 /// The frame for the upstream: the client's own bytes unless `type` or an inherited `model`
 /// must be added (WS-4, WS-5).
-fn upstream_text(req: CreateRequest, model: &str) -> String {
+fn upstream_text(req: &CreateRequest, model: &str) -> String {
     if req.body.contains_key("type") && req.model().is_some() {
-        return req.raw;
+        return req.raw.clone();
     }
-    let mut body = req.body;
+    let mut body = req.body.clone();
     body.insert("type".into(), Value::String("response.create".into()));
-    body.entry("model")
-        .or_insert_with(|| Value::String(model.to_string()));
-    if body.get("model").and_then(Value::as_str) == Some("") {
-        body.insert("model".into(), Value::String(model.to_string()));
-    }
+    body.insert("model".into(), Value::String(model.to_string()));
     Value::Object(body).to_string()
 }
 
-fn record(turn: &mut Turn, status: TurnStatus) {
+pub(super) fn record(turn: &mut Turn, status: TurnStatus) {
     let t = turn.finish().clone();
     metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => "ctx_pool")
         .increment(1);

@@ -6,6 +6,8 @@
 
 mod handle;
 pub mod outbox;
+mod pump;
+pub mod transcript;
 pub mod turn;
 
 use std::sync::Arc;
@@ -24,12 +26,14 @@ use crate::telemetry::metric;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
 
 use outbox::Outbox;
+use transcript::{Transcript, TranscriptBudget};
 use turn::Turn;
 
 /// What a session is started with.
 pub struct SessionParams {
     pub cfg: Arc<Config>,
     pub pool: Arc<Pool>,
+    pub budget: Arc<TranscriptBudget>,
     pub key_id: String,
     pub identity: Identity,
     pub id: u64,
@@ -69,6 +73,11 @@ struct Session {
     last_heard: Instant,
     /// When the running turn's upstream counts as silent (CT-9), while the relay waits on it.
     silent_at: Option<Instant>,
+    /// Every item of the conversation so far, for replays (CT-2); `None` when it is not
+    /// complete (evicted, over its bound, or the chain started elsewhere).
+    transcript: Option<Transcript>,
+    /// `x-codex-turn-state` from an upstream handshake, sent on this session's later dials.
+    upstream_turn_state: Option<axum::http::HeaderValue>,
 }
 
 /// Runs a session until the client leaves or is closed.
@@ -102,6 +111,8 @@ where
         turns: 0,
         last_heard: Instant::now(),
         silent_at: None,
+        transcript: Some(Transcript::default()),
+        upstream_turn_state: None,
     };
     let end = loop {
         let wake = tokio::select! {
@@ -117,7 +128,9 @@ where
             other => break other,
         }
     };
+    let (budget, id) = (s.p.budget.clone(), s.p.id);
     s.end(end).await;
+    budget.remove(id);
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
 }
 

@@ -1,6 +1,6 @@
 //! One turn: from a `response.create` to its terminal event, with the measurements of TP-8.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use crate::protocol::peek::EventClass;
@@ -50,31 +50,58 @@ pub struct Turn {
     pub model: String,
     pub account_id: String,
     pub warm_up: bool,
-    /// The request text for the upstream, kept until it is written.
-    pub request: Option<String>,
+    /// The request as the upstream gets it when nothing needs replaying (CT-1).
+    pub text: String,
+    /// The request's fields (with `type` and `model`), for building a replay (CT-2).
+    pub body: Map<String, Value>,
+    /// The request's input items: what the transcript gains.
+    pub new_items: Vec<Value>,
+    /// Whether the request chained from the session's last response.
+    pub chained: bool,
+    /// Whether the current attempt went with `previous_response_id` (CT-8 applies).
+    pub fast_path: bool,
+    /// Transparent retries still allowed (CT-8, CT-9).
+    pub retries_left: u32,
+    /// Attempts made so far (1 for the first).
+    pub attempts: u32,
     /// Whether an output event (CT-9's definition) reached the client.
     pub output_sent: bool,
+    /// Lifecycle event types already forwarded: a retry does not send them again (CT-9).
+    lifecycle_sent: Vec<String>,
     started: Instant,
     pub timings: Timings,
 }
 
+/// What a turn starts from.
+pub struct TurnStart {
+    pub seq: u64,
+    pub model: String,
+    pub account_id: String,
+    pub text: String,
+    pub body: Map<String, Value>,
+    pub chained: bool,
+    pub retry_budget: u32,
+}
+
 impl Turn {
-    pub fn new(
-        seq: u64,
-        model: String,
-        account_id: String,
-        warm_up: bool,
-        request: String,
-    ) -> Turn {
-        let started = Instant::now();
+    pub fn new(t: TurnStart) -> Turn {
+        let warm_up = t.body.get("generate").and_then(Value::as_bool) == Some(false);
+        let new_items = super::transcript::input_items(&t.body);
         Turn {
-            seq,
-            model,
-            account_id,
+            seq: t.seq,
+            model: t.model,
+            account_id: t.account_id,
             warm_up,
-            request: Some(request),
+            text: t.text,
+            body: t.body,
+            new_items,
+            chained: t.chained,
+            fast_path: false,
+            retries_left: t.retry_budget,
+            attempts: 0,
             output_sent: false,
-            started,
+            lifecycle_sent: Vec::new(),
+            started: Instant::now(),
             timings: Timings {
                 admission_wait: Some(0.0),
                 ..Timings::default()
@@ -87,17 +114,27 @@ impl Turn {
     }
 
     pub fn mark_written(&mut self) {
-        self.timings.upstream_write = Some(self.since_start());
+        self.timings
+            .upstream_write
+            .get_or_insert(self.since_start());
     }
 
-    /// Notes one upstream event on its way to the client.
-    pub fn on_event(&mut self, class: EventClass) {
+    /// Notes one upstream event; false when it must not reach the client (a retry's
+    /// lifecycle event that the client already has).
+    pub fn on_event(&mut self, class: EventClass, kind: &str) -> bool {
+        if class == EventClass::Lifecycle {
+            if self.lifecycle_sent.iter().any(|k| k == kind) {
+                return false;
+            }
+            self.lifecycle_sent.push(kind.to_string());
+        }
         let now = self.since_start();
         self.timings.first_event.get_or_insert(now);
         if class == EventClass::Delta {
             self.timings.first_token.get_or_insert(now);
         }
         self.output_sent |= class.is_output();
+        true
     }
 
     pub fn finish(&mut self) -> &Timings {
@@ -106,65 +143,107 @@ impl Turn {
     }
 }
 
-/// What the session learns from a terminal event: its status and response id.
-pub fn terminal_outcome(class: EventClass, text: &str) -> (TurnStatus, Option<String>) {
-    let parsed: Option<Value> = serde_json::from_str(text).ok();
-    let id = parsed
-        .as_ref()
-        .and_then(|v| v.pointer("/response/id"))
+/// What the session learns from a terminal event: its status, response id and output items.
+pub struct Outcome {
+    pub status: TurnStatus,
+    pub response_id: Option<String>,
+    pub output: Vec<Value>,
+}
+
+/// Parses a terminal event in full (the only events the relay parses whole).
+pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
+    let mut parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let response = parsed
+        .get_mut("response")
+        .map(Value::take)
+        .unwrap_or(Value::Null);
+    let response_id = response
+        .get("id")
         .and_then(Value::as_str)
         .map(str::to_string);
     let status = match class {
-        EventClass::Done => match parsed
-            .as_ref()
-            .and_then(|v| v.pointer("/response/status"))
-            .and_then(Value::as_str)
-        {
+        EventClass::Done => match response.get("status").and_then(Value::as_str) {
             Some("incomplete") => TurnStatus::Incomplete,
             _ => TurnStatus::Completed,
         },
         EventClass::Failed => TurnStatus::Failed,
         _ => TurnStatus::Error,
     };
-    (status, id)
+    let output = match response {
+        Value::Object(mut r) => match r.remove("output") {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    Outcome {
+        status,
+        response_id,
+        output,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn turn() -> Turn {
+        let body = json!({"type": "response.create", "model": "m", "input": "hi"});
+        Turn::new(TurnStart {
+            seq: 1,
+            model: "m".into(),
+            account_id: "a".into(),
+            text: body.to_string(),
+            body: body.as_object().cloned().unwrap_or_default(),
+            chained: false,
+            retry_budget: 1,
+        })
+    }
 
     #[test]
     fn tp8_first_event_and_first_token_are_kept_once() {
-        let mut t = Turn::new(1, "m".into(), "a".into(), false, "{}".into());
-        t.on_event(EventClass::Lifecycle);
+        let mut t = turn();
+        assert!(t.on_event(EventClass::Lifecycle, "response.created"));
         assert!(!t.output_sent);
         let first = t.timings.first_event;
         assert!(first.is_some() && t.timings.first_token.is_none());
-        t.on_event(EventClass::Delta);
-        t.on_event(EventClass::Delta);
+        t.on_event(EventClass::Delta, "response.output_text.delta");
+        t.on_event(EventClass::Delta, "response.output_text.delta");
         assert!(t.output_sent);
         assert_eq!(t.timings.first_event, first);
         assert!(t.timings.first_token.is_some());
         assert!(t.finish().total.is_some());
+        assert_eq!(
+            t.new_items,
+            vec![json!({"type": "message", "role": "user", "content": "hi"})]
+        );
+    }
+
+    #[test]
+    fn ct9_a_retry_does_not_forward_lifecycle_events_again() {
+        let mut t = turn();
+        assert!(t.on_event(EventClass::Lifecycle, "response.created"));
+        assert!(!t.on_event(EventClass::Lifecycle, "response.created"));
+        assert!(t.on_event(EventClass::Lifecycle, "response.in_progress"));
+        assert!(t.on_event(EventClass::Output, "response.output_item.added"));
     }
 
     #[test]
     fn terminal_outcomes() {
-        let done =
-            r#"{"type":"response.completed","response":{"id":"resp_1","status":"completed"}}"#;
+        let done = r#"{"type":"response.completed","response":{"id":"resp_1","status":"completed","output":[{"type":"message"}]}}"#;
+        let o = terminal_outcome(EventClass::Done, done);
         assert_eq!(
-            terminal_outcome(EventClass::Done, done),
-            (TurnStatus::Completed, Some("resp_1".into()))
+            (o.status, o.response_id.as_deref(), o.output.len()),
+            (TurnStatus::Completed, Some("resp_1"), 1)
         );
         let inc =
             r#"{"type":"response.incomplete","response":{"id":"resp_2","status":"incomplete"}}"#;
         assert_eq!(
-            terminal_outcome(EventClass::Done, inc).0,
+            terminal_outcome(EventClass::Done, inc).status,
             TurnStatus::Incomplete
         );
-        assert_eq!(
-            terminal_outcome(EventClass::Error, r#"{"type":"error"}"#),
-            (TurnStatus::Error, None)
-        );
+        let e = terminal_outcome(EventClass::Error, r#"{"type":"error"}"#);
+        assert_eq!((e.status, e.response_id), (TurnStatus::Error, None));
     }
 }

@@ -87,6 +87,8 @@ pub type Route = Arc<Mutex<Option<mpsc::Sender<UpFrame>>>>;
 /// An open connection as the pool holds it.
 pub struct Live {
     pub generation: u64,
+    /// `x-codex-turn-state` from the handshake response, if the upstream sent one (WS-7).
+    pub turn_state: Option<HeaderValue>,
     pub sink: Arc<tokio::sync::Mutex<WsSink>>,
     pub route: Route,
     task: tokio::task::JoinHandle<()>,
@@ -113,7 +115,7 @@ pub async fn open(
         .max_message_size(Some(settings.max_message_bytes))
         .max_frame_size(Some(settings.max_message_bytes));
     let dial = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
-    let (ws, _response) = match tokio::time::timeout(settings.dial_timeout, dial).await {
+    let (ws, response) = match tokio::time::timeout(settings.dial_timeout, dial).await {
         Ok(Ok(ok)) => ok,
         Ok(Err(e)) => return Err(dial_error(&account.id, e)),
         Err(_) => {
@@ -124,6 +126,7 @@ pub async fn open(
             .retry(Retry::BeforeOutput))
         }
     };
+    let turn_state = response.headers().get("x-codex-turn-state").cloned();
     let (sink, stream) = ws.split();
     let sink = Arc::new(tokio::sync::Mutex::new(sink));
     let route: Route = Arc::default();
@@ -139,6 +142,7 @@ pub async fn open(
     });
     Ok(Live {
         generation,
+        turn_state,
         sink,
         route,
         task,

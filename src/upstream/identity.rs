@@ -36,6 +36,12 @@ impl Identity {
         Identity { headers }
     }
 
+    /// Adds or replaces one header.
+    pub fn set(&mut self, name: &'static str, value: HeaderValue) {
+        self.headers.retain(|(k, _)| k != name);
+        self.headers.push((HeaderName::from_static(name), value));
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

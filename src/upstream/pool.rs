@@ -340,6 +340,15 @@ impl Lease {
         }
     }
 
+    /// The upstream's `x-codex-turn-state` from this connection's handshake (WS-7).
+    pub fn turn_state(&self) -> Option<axum::http::HeaderValue> {
+        let st = self.ctx.st.lock();
+        st.live
+            .as_ref()
+            .filter(|l| l.generation == self.generation)
+            .and_then(|l| l.turn_state.clone())
+    }
+
     /// Whether the lease's connection is still the context's open one.
     pub fn is_open(&self) -> bool {
         let st = self.ctx.st.lock();

@@ -1,0 +1,302 @@
+//! The session's reactions on the upstream side: leasing a context, choosing between the fast
+//! path and a full replay (CT-1, CT-2), forwarding events, and recovering from upstream faults
+//! before any output reached the client (CT-8, CT-9).
+
+use tokio_tungstenite::tungstenite::Message;
+
+use super::handle::record;
+use super::transcript::{replay_body, Transcript};
+use super::turn::{terminal_outcome, Outcome, TurnStatus};
+use super::{Session, Step};
+use crate::config::AccountConfig;
+use crate::error::{RelayError, Retry, Side};
+use crate::protocol::classify::{classify_error_event, ErrorClass};
+use crate::protocol::peek::{self, EventClass};
+use crate::telemetry::metric;
+use crate::upstream::{Lease, UpEnd, UpFrame};
+
+impl Session {
+    /// Leases a context of `account` in the background (a dial when none is open).
+    pub(super) fn lease(&mut self, account: AccountConfig) {
+        let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
+        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
+        self.dialing = Some(tokio::spawn(async move {
+            pool.lease(&account, session, &identity, depth).await
+        }));
+    }
+
+    pub(super) async fn on_dialed(
+        &mut self,
+        r: Result<Result<Lease, RelayError>, tokio::task::JoinError>,
+    ) -> Step {
+        self.dialing = None;
+        match r {
+            Ok(Ok(lease)) => {
+                if let Some(ts) = lease.turn_state() {
+                    self.upstream_turn_state = Some(ts);
+                }
+                self.upstream = Some(lease);
+                self.write_request().await
+            }
+            // CT-9: a failed dial or handshake at turn start is retried like a lost upstream.
+            Ok(Err(e)) if e.retry == Retry::BeforeOutput => self.retry_or_fail(e),
+            // A refusal of the relay's own (no capacity) goes to the client as it is.
+            Ok(Err(e)) => {
+                self.out.push_json(&e.ws_frame());
+                self.end_turn(TurnStatus::Rejected, None);
+                Step::Go
+            }
+            Err(e) => self.fail_turn(
+                RelayError::new(Side::Internal, 500, "server_error", "internal_error")
+                    .message(format!("lease task failed: {e}")),
+            ),
+        }
+    }
+
+    /// Sends the turn's request: as the client sent it when the context holds the response it
+    /// chains from (CT-1), else the transcript and the new items without
+    /// `previous_response_id` (CT-2); without a transcript that is CT-3's 400 (CT-6).
+    pub(super) async fn write_request(&mut self) -> Step {
+        let text = match self.request_for_context() {
+            Ok(text) => text,
+            Err(e) => {
+                self.out.push_json(&e.ws_frame());
+                self.end_turn(TurnStatus::Rejected, None);
+                return Step::Go;
+            }
+        };
+        let (Some(turn), Some(up)) = (self.turn.as_mut(), self.upstream.as_mut()) else {
+            return Step::Go;
+        };
+        turn.attempts += 1;
+        match up.send_text(text).await {
+            Ok(()) => {
+                turn.mark_written();
+                self.arm_silence();
+                Step::Go
+            }
+            Err(e) => {
+                if let Some(up) = self.upstream.take() {
+                    up.break_connection(UpEnd::Io(e.message.clone()));
+                }
+                self.retry_or_fail(e)
+            }
+        }
+    }
+
+    fn request_for_context(&mut self) -> Result<String, RelayError> {
+        let (Some(turn), Some(up)) = (self.turn.as_mut(), self.upstream.as_ref()) else {
+            return Err(RelayError::new(
+                Side::Internal,
+                500,
+                "server_error",
+                "internal_error",
+            ));
+        };
+        if !turn.chained {
+            turn.fast_path = false;
+            return Ok(turn.text.clone());
+        }
+        if up.holds().is_some() && up.holds() == self.last_response_id {
+            turn.fast_path = true;
+            return Ok(turn.text.clone());
+        }
+        turn.fast_path = false;
+        match self.transcript.as_ref() {
+            Some(t) => {
+                self.p.budget.touch(self.p.id);
+                metrics::counter!(metric::REPLAYS).increment(1);
+                Ok(replay_body(&turn.body, t, &turn.new_items))
+            }
+            None => Err(RelayError::invalid_request(
+                "previous_response_not_found",
+                "Previous response not found: this session no longer holds its transcript; send the full input.",
+            )
+            .param("previous_response_id")),
+        }
+    }
+
+    pub(super) fn on_upstream(&mut self, f: Option<UpFrame>) -> Step {
+        let text = match f {
+            Some(UpFrame::Event(text)) => text,
+            Some(UpFrame::Ended(end)) => return self.upstream_ended(end),
+            None => return self.upstream_ended(UpEnd::Io("upstream reader ended".into())),
+        };
+        let Some(turn) = self.turn.as_mut() else {
+            tracing::debug!(bytes = text.len(), "upstream event outside a turn dropped");
+            return Step::Go;
+        };
+        self.silent_at =
+            Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
+        let kind = peek::event_type(text.as_str()).unwrap_or_default();
+        let class = peek::classify(&kind);
+        if class == EventClass::Error && !turn.output_sent {
+            // CT-8 (the cache was lost behind the relay's back on the fast path) and CT-9
+            // (connection limit): the client never sees this error, the turn goes again.
+            let c = classify_error_event(text.as_str());
+            let recoverable = match c.class {
+                ErrorClass::PreviousResponseNotFound => turn.fast_path,
+                _ => c.retry_before_output,
+            };
+            if recoverable {
+                tracing::info!(class = ?c.class, "upstream error before output");
+                if let Some(up) = self.upstream.take() {
+                    up.break_connection(UpEnd::Io(format!("upstream error {:?}", c.class)));
+                }
+                let e = RelayError::upstream_lost(format!(
+                    "upstream answered {:?} before any output",
+                    c.class
+                ));
+                return self.retry_or_fail(e.side(Side::UpstreamProtocol));
+            }
+        }
+        if !turn.on_event(class, &kind) {
+            return Step::Go;
+        }
+        let outcome = class
+            .is_terminal()
+            .then(|| terminal_outcome(class, text.as_str()));
+        self.out.push(Message::Text(text));
+        if let Some(o) = outcome {
+            self.finish_turn(o);
+        }
+        Step::Go
+    }
+
+    /// The upstream connection is gone (close, EOF, missing pong, oversized event).
+    fn upstream_ended(&mut self, end: UpEnd) -> Step {
+        self.upstream = None;
+        if self.turn.is_none() {
+            tracing::debug!(?end, "idle upstream connection ended");
+            return Step::Go;
+        }
+        self.retry_or_fail(RelayError::upstream_lost(end.describe()))
+    }
+
+    /// The running turn's upstream went silent: that connection is closed (CT-9).
+    pub(super) fn on_silence(&mut self) -> Step {
+        if let Some(up) = self.upstream.take() {
+            up.break_connection(UpEnd::Silent);
+        }
+        self.retry_or_fail(RelayError::upstream_lost(UpEnd::Silent.describe()))
+    }
+
+    pub(super) fn arm_silence(&mut self) {
+        if self.turn.is_some() {
+            self.silent_at =
+                Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
+        }
+    }
+
+    /// CT-9: before any output reached the client and within `upstream.retry_budget`, the turn
+    /// goes again on a fresh context (with the transcript when it chained); otherwise 502.
+    fn retry_or_fail(&mut self, e: RelayError) -> Step {
+        let Some(turn) = self.turn.as_mut() else {
+            return Step::Go;
+        };
+        if turn.output_sent || turn.retries_left == 0 {
+            let e = if turn.retries_left == 0 && !turn.output_sent {
+                RelayError::upstream_lost(format!("{} (retries exhausted)", e.message)).side(e.side)
+            } else {
+                RelayError::upstream_lost(e.message).side(e.side)
+            };
+            return self.fail_turn(e);
+        }
+        turn.retries_left -= 1;
+        self.silent_at = None;
+        metrics::counter!(metric::RETRIES).increment(1);
+        tracing::info!(reason = %e.message, attempt = turn.attempts + 1, "retrying the turn on a fresh context");
+        if let Some(up) = self.upstream.take() {
+            up.break_connection(UpEnd::Io("abandoned for a retry".into()));
+        }
+        let account = crate::scheduler::pick(&self.p.cfg, &turn.model).cloned();
+        match account {
+            Some(a) => {
+                turn.account_id = a.id.clone();
+                self.lease(a);
+                Step::Go
+            }
+            None => self.fail_turn(e),
+        }
+    }
+
+    /// Ends the running turn with a relay-made error frame.
+    pub(super) fn fail_turn(&mut self, e: RelayError) -> Step {
+        tracing::warn!(side = e.side.as_str(), code = %e.code, message = %e.message, "turn failed");
+        self.out.push_json(&e.ws_frame());
+        self.end_turn(TurnStatus::UpstreamLost, None);
+        Step::Go
+    }
+
+    /// After a terminal event: the transcript and `last_response_id` advance on
+    /// completed/incomplete (SPEC §6); otherwise the context turns cold.
+    fn finish_turn(&mut self, o: Outcome) {
+        if matches!(o.status, TurnStatus::Completed | TurnStatus::Incomplete) {
+            if let Some(turn) = self.turn.as_ref() {
+                let prior = if turn.chained {
+                    self.transcript.take()
+                } else {
+                    Some(Transcript::default())
+                };
+                // A chained turn whose prior transcript is gone cannot have a complete one.
+                self.transcript = prior.map(|p| {
+                    Transcript::advance(Some(p), &turn.new_items, o.output, &turn.account_id)
+                });
+                self.bound_transcript();
+            }
+        }
+        self.end_turn(o.status, o.response_id);
+    }
+
+    /// CT-6: a transcript over `limits.max_transcript_bytes` is dropped.
+    fn bound_transcript(&mut self) {
+        let limit = usize::try_from(self.p.cfg.limits.max_transcript_bytes).unwrap_or(usize::MAX);
+        match self.transcript.as_ref().map(Transcript::bytes) {
+            Some(bytes) if bytes <= limit => self.p.budget.set(self.p.id, bytes),
+            Some(bytes) => {
+                tracing::info!(bytes, "transcript over limits.max_transcript_bytes dropped");
+                self.transcript = None;
+                self.p.budget.remove(self.p.id);
+            }
+            None => self.p.budget.remove(self.p.id),
+        }
+    }
+
+    /// Closes the books on the running turn; the held errors follow its terminal.
+    pub(super) fn end_turn(&mut self, status: TurnStatus, response_id: Option<String>) {
+        let Some(mut turn) = self.turn.take() else {
+            return;
+        };
+        self.silent_at = None;
+        match status {
+            TurnStatus::Completed | TurnStatus::Incomplete => {
+                self.last_response_id = response_id.clone();
+                if let Some(up) = self.upstream.as_ref() {
+                    up.set_holds(response_id);
+                }
+            }
+            TurnStatus::Rejected => {}
+            _ => {
+                if let Some(up) = self.upstream.as_ref() {
+                    up.set_holds(None);
+                }
+            }
+        }
+        record(&mut turn, status);
+        for e in std::mem::take(&mut self.held) {
+            self.out.push_json(&e.ws_frame());
+        }
+    }
+
+    /// The client's identity for a dial, with the upstream's `x-codex-turn-state` from an
+    /// earlier dial unless the client sent its own (WS-7).
+    fn identity_for_dial(&self) -> crate::upstream::Identity {
+        let mut id = self.p.identity.clone();
+        if let Some(ts) = self.upstream_turn_state.as_ref() {
+            if id.get("x-codex-turn-state").is_none() {
+                id.set("x-codex-turn-state", ts.clone());
+            }
+        }
+        id
+    }
+}
