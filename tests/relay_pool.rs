@@ -115,12 +115,13 @@ async fn up3_an_idle_context_closed_upstream_is_replaced_on_the_next_turn() {
 async fn up4_a_missing_pong_during_a_turn_ends_it_with_502_and_the_next_turn_redials() {
     let env = relay("upstream:\n  ping_interval: 20ms\n  pong_timeout: 100ms\n").await;
     let mut ws = env.connect().await;
+    // Deaf after output: a transparent retry is no longer possible (CT-9), so 502.
     send(&mut ws, &create("gpt-test", "[[mock:fault deaf after=4]]")).await;
     let events = expect_lost(&mut ws).await;
     assert_eq!(
         events.len(),
-        3,
-        "created, in_progress, then the relay's 502: {events:?}"
+        5,
+        "four events, then the relay's 502: {events:?}"
     );
     send(&mut ws, &create("gpt-test", "again")).await;
     assert_eq!(

@@ -677,6 +677,8 @@ async fn ct10_upstream_handshake_refusal_is_502_and_the_next_turn_works() {
     let env = relay("").await;
     let m = metrics_text(&env).await;
     let (lost0, cancelled0) = (turns(&m, "upstream_lost"), turns(&m, "client_cancelled"));
+    // Two refusals: the first dial and its CT-9 retry (retry_budget 1) both fail.
+    env.mock.push_handshake(500, None);
     env.mock.push_handshake(500, None);
     let mut ws = env.connect().await;
     send(&mut ws, &create("gpt-test", "hello")).await;
@@ -690,7 +692,7 @@ async fn ct10_upstream_handshake_refusal_is_502_and_the_next_turn_works() {
     send(&mut ws, &create("gpt-test", "hello again")).await;
     assert_eq!(last_type(&read_turn(&mut ws).await), "response.completed");
     let log = env.mock.log();
-    assert_eq!((log.refused_upgrades, log.upgrades.len()), (1, 1));
+    assert_eq!((log.refused_upgrades, log.upgrades.len()), (2, 1));
     assert_eq!(log.requests.len(), 1);
     let m = metrics_eventually(&env, |m| {
         turns(m, "upstream_lost") + turns(m, "client_cancelled") >= lost0 + cancelled0 + 1.0
