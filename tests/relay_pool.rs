@@ -162,14 +162,14 @@ async fn stream_idle_timeout_ends_a_silent_turn_with_502_and_closes_that_connect
 async fn a_slow_client_is_not_upstream_silence() {
     // One-slot pump, a client that does not read and a short idle timeout: megabytes of large
     // deltas fill every buffer, so the relay waits on the client, which is not upstream silence.
-    let env = relay("session:\n  pump_channel: 1\nupstream:\n  stream_idle_timeout: 300ms\n").await;
+    let env = relay("session:\n  pump_channel: 1\nupstream:\n  stream_idle_timeout: 1s\n").await;
     let mut ws = ws_connect_small_buffer(env.relay.addr, KEY).await;
     send(
         &mut ws,
         &create("gpt-test", "[[mock:text 800000]] [[mock:delta 16384]]"),
     )
     .await;
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await; // the client reads nothing meanwhile
+    tokio::time::sleep(std::time::Duration::from_millis(3000)).await; // the client reads nothing meanwhile
     let events = read_turn(&mut ws).await;
     let last = events.last().unwrap();
     assert_eq!(last["type"], "response.completed", "{last}");
