@@ -38,6 +38,22 @@ fn assert_error(frame: &Value, status: u64, code: &str, param: Option<&str>) {
     }
 }
 
+/// `common::next_frame` with one deadline over the whole wait. The shared helper guards each
+/// read separately and skips pings, so a relay pinging more often than the guard (the default
+/// 20 s interval) would keep a broken test waiting for ever.
+async fn next_frame(ws: &mut Ws) -> Frame {
+    tokio::time::timeout(HANG_GUARD, common::next_frame(ws))
+        .await
+        .expect("hang guard: next frame")
+}
+
+/// `common::read_turn` with one deadline over the whole turn (see [`next_frame`]).
+async fn read_turn(ws: &mut Ws) -> Vec<Value> {
+    tokio::time::timeout(HANG_GUARD, common::read_turn(ws))
+        .await
+        .expect("hang guard: turn")
+}
+
 /// The next frame, which must be an event.
 async fn next_event(ws: &mut Ws) -> Value {
     match next_frame(ws).await {
@@ -230,19 +246,23 @@ fn close_code_of(f: &RawFrame) -> Option<u16> {
 
 /// Reads direct from the socket until a Close frame: its code and reason.
 async fn read_close(ws: &mut Ws) -> (u16, String) {
-    loop {
-        let msg = tokio::time::timeout(HANG_GUARD, ws.next())
-            .await
-            .expect("hang guard: close");
-        match msg {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(Message::Close(None))) => panic!("Close frame without a code"),
-            Some(Ok(Message::Text(t))) => panic!("expected a Close frame, got {t}"),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => panic!("socket ended without a Close frame: {e}"),
-            None => panic!("socket ended without a Close frame"),
+    let read = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return (u16::from(f.code), f.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => panic!("Close frame without a code"),
+                Some(Ok(Message::Text(t))) => panic!("expected a Close frame, got {t}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket ended without a Close frame: {e}"),
+                None => panic!("socket ended without a Close frame"),
+            }
         }
-    }
+    };
+    tokio::time::timeout(HANG_GUARD, read)
+        .await
+        .expect("hang guard: close")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -725,18 +745,23 @@ async fn ws8_client_that_answers_pings_outlives_the_idle_timeout() {
 async fn ws8_client_that_never_pongs_is_closed_1001() {
     let env = relay("session:\n  client_ping_interval: 20ms\n  client_idle_timeout: 100ms\n").await;
     let mut raw = RawWs::connect(env.relay.addr, KEY).await;
-    let mut pings = 0;
-    let code = loop {
-        let frame = raw
-            .read_frame()
-            .await
-            .expect("WS-8: a Close frame before EOF");
-        match frame.opcode {
-            OP_PING => pings += 1,
-            OP_CLOSE => break close_code_of(&frame),
-            op => panic!("unexpected frame opcode {op}"),
+    // One guard over the whole read: the pings alone would keep a per-read guard from firing.
+    let (pings, code) = tokio::time::timeout(HANG_GUARD, async {
+        let mut pings = 0;
+        loop {
+            let frame = raw
+                .read_frame()
+                .await
+                .expect("WS-8: a Close frame before EOF");
+            match frame.opcode {
+                OP_PING => pings += 1,
+                OP_CLOSE => return (pings, close_code_of(&frame)),
+                op => panic!("unexpected frame opcode {op}"),
+            }
         }
-    };
+    })
+    .await
+    .expect("hang guard: WS-8 no close for a client that never pongs");
     assert!(pings >= 1, "WS-8: pinged before being closed");
     assert_eq!(code, Some(1001), "WS-8: no pong within client_idle_timeout");
 }
@@ -748,19 +773,19 @@ async fn ws8_relay_answers_client_pings() {
     ws.send(Message::Ping(b"x".to_vec().into()))
         .await
         .expect("send ping");
-    loop {
-        let msg = tokio::time::timeout(HANG_GUARD, ws.next())
-            .await
-            .expect("hang guard: WS-8 pong");
-        match msg {
-            Some(Ok(Message::Pong(p))) => {
-                assert_eq!(&p[..], b"x");
-                break;
+    let pong = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Pong(p))) => return p,
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("expected a pong, got {other:?}"),
             }
-            Some(Ok(Message::Ping(_))) => {}
-            other => panic!("expected a pong, got {other:?}"),
         }
-    }
+    };
+    let pong = tokio::time::timeout(HANG_GUARD, pong)
+        .await
+        .expect("hang guard: WS-8 pong");
+    assert_eq!(&pong[..], b"x", "WS-8: the pong echoes the ping");
     completed_turn(&mut ws, &create(MODEL, "after ping")).await;
 }
 
@@ -931,7 +956,12 @@ async fn metrics_show_the_client_socket_gauge_after_sessions_close() {
     let mut ws = env.connect().await;
     completed_turn(&mut ws, &create(MODEL, "count me")).await;
     ws.close(None).await.expect("close");
-    while let Ok(Some(Ok(_))) = tokio::time::timeout(HANG_GUARD, ws.next()).await {}
+    // Drain to the end of the close handshake (one guard: pings would renew a per-read one).
+    tokio::time::timeout(HANG_GUARD, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await
+    .expect("hang guard: close handshake");
     let text = tokio::time::timeout(HANG_GUARD, async {
         reqwest::get(env.http_url("/metrics"))
             .await

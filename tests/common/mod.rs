@@ -65,8 +65,10 @@ pub async fn send(ws: &mut Ws, v: &Value) {
 
 /// The next event or end of the socket; pings and pongs are skipped.
 pub async fn next_frame(ws: &mut Ws) -> Frame {
+    // One deadline for the whole wait: pings skipped on the way must not extend it.
+    let deadline = tokio::time::Instant::now() + HANG_GUARD;
     loop {
-        let msg = tokio::time::timeout(HANG_GUARD, ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("hang guard: next frame");
         return match msg {
