@@ -12,13 +12,6 @@ pub fn ws_error(status: u16, kind: &str, code: &str, message: &str, param: Optio
     })
 }
 
-/// WebSocket 429 frame: as [`ws_error`] plus `headers.retry-after` at top level.
-pub fn ws_error_retry_after(kind: &str, code: &str, message: &str, retry_after_s: u64) -> Value {
-    let mut frame = ws_error(429, kind, code, message, None);
-    frame["headers"] = json!({ "retry-after": retry_after_s.to_string() });
-    frame
-}
-
 /// SSE error event payload: `{"type":"error","code":C,"message":M,"param":P,"sequence_number":N}`.
 pub fn sse_error(code: &str, message: &str, param: Option<&str>, sequence_number: u64) -> Value {
     json!({
@@ -50,13 +43,6 @@ mod tests {
         assert_eq!(f["status"], 400);
         assert_eq!(f["error"]["code"], "invalid_event");
         assert!(f["error"]["param"].is_null());
-    }
-
-    #[test]
-    fn retry_after_is_a_string_header() {
-        let f = ws_error_retry_after("rate_limit_error", "rate_limit_exceeded", "slow down", 7);
-        assert_eq!(f["status"], 429);
-        assert_eq!(f["headers"]["retry-after"], "7");
     }
 
     #[test]

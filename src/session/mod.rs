@@ -23,6 +23,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::error::RelayError;
 use crate::telemetry::metric;
+use crate::upstream::conn::sleep_until;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
 
 use outbox::Outbox;
@@ -143,13 +144,6 @@ async fn dial_done(
 ) -> Result<Result<Lease, RelayError>, tokio::task::JoinError> {
     match dialing {
         Some(handle) => handle.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

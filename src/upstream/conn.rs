@@ -294,7 +294,8 @@ async fn room_for(
     }
 }
 
-async fn sleep_until(due: Option<Instant>) {
+/// Sleeps until `due`, or forever when there is none (a disabled `select!` deadline).
+pub(crate) async fn sleep_until(due: Option<Instant>) {
     match due {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
