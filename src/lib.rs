@@ -62,3 +62,4 @@ pub mod session;
 pub mod telemetry;
 pub mod tuning;
 pub mod upstream;
+pub mod usage;

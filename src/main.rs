@@ -42,6 +42,8 @@ enum Command {
         #[arg(long = "api-key")]
         api_keys: Vec<String>,
     },
+    /// Summarise the usage records in the store: totals per key, account or model over a window.
+    Usage(switchyard::usage::report::UsageArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { file } => check_config(&file),
         Command::Serve { config, listen } => serve(config, listen),
+        Command::Usage(args) => switchyard::usage::report::run(&args),
         Command::MockUpstream {
             listen,
             max_age,

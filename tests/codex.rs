@@ -254,9 +254,11 @@ async fn codex_tool_round_trip_through_the_relay() {
         return;
     };
     let m = mock().await;
+    let store = tempfile::tempdir().expect("store dir");
     let yaml = format!(
-        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: ctx_pool\n    max_conns: 4\n",
-        m.base_url()
+        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: ctx_pool\n    max_conns: 4\nstore:\n  path: {}\n",
+        m.base_url(),
+        store.path().join("usage.db").display()
     );
     let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
     let relay = switchyard::server::spawn(cfg).await.expect("relay");
@@ -289,8 +291,10 @@ async fn codex_tool_round_trip_through_the_embedded_default() {
     let Some(bin) = codex_bin_or_skip("codex_tool_round_trip_through_the_embedded_default") else {
         return;
     };
+    let cwd = tempfile::tempdir().expect("cwd");
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(cwd.path())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -107,9 +107,7 @@ fn assert_http_error(body: &Value, code: &str) {
 /// A relay in front of a mock started with `opts` (the shared helper starts a default mock).
 async fn relay_with_mock(opts: MockOptions, yaml: impl FnOnce(&str) -> String) -> Env {
     let mock = MockUpstream::start(opts).await.expect("mock");
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml(&mock.base_url())).expect("config");
-    let relay = switchyard::server::spawn(cfg).await.expect("relay");
-    Env { mock, relay }
+    common::relay_on(mock, yaml).await
 }
 
 /// A relay whose `keys:` holds the test key `test` = [`KEY`] and then `more_keys` (YAML list

@@ -784,7 +784,9 @@ fn switchyard(args: &[&str]) -> tokio::process::Command {
 
 #[tokio::test]
 async fn embedded_default_serves_with_a_printed_dev_key() {
+    let cwd = tempfile::tempdir().expect("cwd");
     let mut child = switchyard(&["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(cwd.path())
         .env("RUST_LOG", "debug")
         .spawn()
         .expect("spawn switchyard");

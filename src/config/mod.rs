@@ -18,7 +18,7 @@ mod value;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -49,6 +49,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(deserialize_with = "value::null_as_default")]
     pub session: SessionConfig,
+    /// The embedded store (usage records, admin overrides).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub store: StoreConfig,
+    /// Usage recording and pricing (US-1, US-2).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub usage: UsageConfig,
 }
 
 impl Default for Config {
@@ -61,6 +67,8 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             session: SessionConfig::default(),
+            store: StoreConfig::default(),
+            usage: UsageConfig::default(),
         }
     }
 }
@@ -347,6 +355,50 @@ impl Default for SessionConfig {
             client_idle_timeout: Duration::from_secs(60),
             max_held_errors: 16,
             pump_channel: 64,
+        }
+    }
+}
+
+/// The embedded SQLite store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of store settings"
+)]
+pub struct StoreConfig {
+    /// The database file; created with its directory's permissions when missing.
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("./switchyard.db"),
+        }
+    }
+}
+
+/// Usage records: how often they are written, and what they cost.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of usage settings"
+)]
+pub struct UsageConfig {
+    /// Records are written to the store in one batch this often (and on shutdown).
+    #[serde(deserialize_with = "value::duration")]
+    pub flush_interval: Duration,
+    /// A YAML price table replacing the built-in one (US-2); read again on SIGHUP.
+    pub prices: Option<PathBuf>,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            flush_interval: Duration::from_secs(1),
+            prices: None,
         }
     }
 }

@@ -80,6 +80,7 @@ pub(super) fn validate(
     check_upstream(cfg, &mut c);
     check_limits(cfg, &mut c);
     check_session(cfg, &mut c);
+    check_usage(cfg, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
     c.errors
@@ -150,6 +151,20 @@ fn check_session(cfg: &Config, c: &mut Checker<'_>) {
     ] {
         if value < 1 {
             c.error(format!("session.{name}"), "must be at least 1");
+        }
+    }
+}
+
+fn check_usage(cfg: &Config, c: &mut Checker<'_>) {
+    if cfg.usage.flush_interval.is_zero() {
+        c.error("usage.flush_interval", "must be greater than zero");
+    }
+    if cfg.store.path.as_os_str().is_empty() {
+        c.error("store.path", "must not be empty");
+    }
+    if let Some(path) = cfg.usage.prices.as_ref() {
+        if let Err(e) = crate::usage::prices::PriceTable::load(path) {
+            c.error("usage.prices", e);
         }
     }
 }

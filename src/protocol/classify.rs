@@ -183,7 +183,11 @@ pub fn classify(code: Option<&str>, message: Option<&str>, status: Option<u16>) 
 /// error body `{"error":{...}}`, or a `response.failed` event's `response.error`. Text that is
 /// none of these is `Unknown` (with whatever status it carries).
 pub fn classify_error_event(text: &str) -> Classified {
-    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    classify_value(&serde_json::from_str(text).unwrap_or(Value::Null))
+}
+
+/// As [`classify_error_event`], on an event already parsed.
+pub fn classify_value(v: &Value) -> Classified {
     let status = ["status", "status_code"]
         .iter()
         .find_map(|k| v.get(k).and_then(status_of));

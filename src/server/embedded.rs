@@ -21,10 +21,11 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
         .push(AccountConfig::new("mock", mock.base_url(), upstream_key));
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("embedded default config: {e}"))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let app = super::App::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(app.cfg.listen).await?;
     let addr = listener.local_addr()?;
     println!("{}", banner(addr, &key, &mock.base_url()));
-    axum::serve(crate::server::nodelay(listener), super::router(cfg)).await?;
+    super::serve_until_signal(app, listener).await?;
     drop(mock);
     Ok(())
 }

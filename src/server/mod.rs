@@ -1,5 +1,6 @@
 //! The relay's client-facing front: one axum router with the WebSocket ingress on its three
-//! paths ([`ws`]) and the operations endpoints ([`ops`]).
+//! paths ([`ws`]) and the operations endpoints ([`ops`]); and the process around it: the usage
+//! flusher, SIGHUP (price reload) and SIGTERM (sessions closed, usage flushed, exit 0).
 
 pub mod embedded;
 pub mod ops;
@@ -8,20 +9,38 @@ pub mod ws;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use axum::routing::get;
 use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::session::transcript::TranscriptBudget;
 use crate::upstream::{ConnSettings, Pool};
+use crate::usage::prices::Prices;
+use crate::usage::Recorder;
+
+/// How long shutdown waits for sessions to close their sockets before the final flush.
+const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 pub struct App {
     pub cfg: Arc<Config>,
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
+    pub usage: Arc<Recorder>,
     pub next_session: AtomicU64,
+    /// This process's name in usage records' session ids, so they stay unique across restarts.
+    pub instance: String,
+    /// Cancelled at shutdown: every session closes its socket.
+    pub shutdown: CancellationToken,
+    /// The running sessions, so shutdown can wait for their records.
+    pub sessions: TaskTracker,
+    /// Cancelled once the sessions are closed: the flusher writes what is left and stops.
+    flush_stop: CancellationToken,
 }
 
 /// Every accepted connection gets `TCP_NODELAY`: events are small and latency-bound, and
@@ -40,11 +59,28 @@ pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
     task: tokio::task::JoinHandle<()>,
+    flusher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Closes every session, stops the listener and flushes usage (as SIGTERM does).
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        self.app.close_sessions().await;
+        if let Some(f) = self.flusher.take() {
+            let _ = f.await;
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
+        self.app.shutdown.cancel();
+        self.app.flush_stop.cancel();
+        if let Some(f) = self.flusher.take() {
+            f.abort();
+        }
     }
 }
 
@@ -52,33 +88,57 @@ impl Drop for Running {
 pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = App::new(cfg);
+    let app = App::new(cfg)?;
+    let flusher = app.start_flusher();
     let routes = routes(app.clone());
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(crate::server::nodelay(listener), routes).await {
             tracing::error!(error = %e, "relay listener stopped");
         }
     });
-    Ok(Running { addr, app, task })
+    Ok(Running {
+        addr,
+        app,
+        task,
+        flusher: Some(flusher),
+    })
 }
 
-/// Binds `cfg.listen` and serves until the process is stopped. The config is already
-/// validated (OP-4).
+/// Binds `cfg.listen` and serves until SIGTERM or SIGINT; SIGHUP reloads the price table.
+/// The config is already validated (OP-4).
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    let app = App::new(cfg)?;
+    let listener = tokio::net::TcpListener::bind(app.cfg.listen).await?;
+    serve_until_signal(app, listener).await
+}
+
+/// Serves `app` on `listener` until SIGTERM/SIGINT, then closes sessions and flushes usage.
+pub async fn serve_until_signal(
+    app: Arc<App>,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let flusher = app.start_flusher();
+    let signals = Signals::install();
     tracing::info!(listen = %listener.local_addr()?, "switchyard listening");
-    axum::serve(crate::server::nodelay(listener), router(cfg)).await?;
+    let (stop, on_signal) = (app.shutdown.clone(), app.clone());
+    let signalled = tokio::spawn(async move {
+        signals.serve(on_signal).await;
+        tracing::info!("shutting down: closing sessions and flushing usage");
+        stop.cancel();
+    });
+    let stop = app.shutdown.clone();
+    axum::serve(crate::server::nodelay(listener), routes(app.clone()))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    signalled.abort();
+    app.close_sessions().await;
+    flusher.await.context("usage flusher")?;
+    tracing::info!(flushed = app.usage.flushed(), "usage flushed; exiting");
     Ok(())
 }
 
-/// The routes: WebSocket ingress on `/v1/responses`, `/responses` and
-/// `/backend-api/codex/responses` (WS-1); `/healthz`, `/readyz`, `/metrics` (unauthenticated).
-pub fn router(cfg: Config) -> Router {
-    routes(App::new(cfg))
-}
-
 impl App {
-    pub fn new(cfg: Config) -> Arc<App> {
+    pub fn new(cfg: Config) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics_handle();
         let u = &cfg.upstream;
         let settings = ConnSettings {
@@ -90,12 +150,109 @@ impl App {
         let pool = Pool::new(settings);
         let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
         let budget = Arc::new(TranscriptBudget::new(total));
-        Arc::new(App {
+        let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
+        let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
+        Ok(Arc::new(App {
             cfg: Arc::new(cfg),
             pool,
             budget,
+            usage,
             next_session: AtomicU64::new(1),
-        })
+            instance: hex::encode(rand::random::<[u8; 4]>()),
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            flush_stop: CancellationToken::new(),
+        }))
+    }
+
+    /// Flushes usage every `usage.flush_interval` until shutdown, then once more.
+    fn start_flusher(&self) -> tokio::task::JoinHandle<()> {
+        self.usage
+            .spawn_flusher(self.cfg.usage.flush_interval, self.flush_stop.clone())
+    }
+
+    /// Tells every session to close and waits (bounded) until they have, so their usage
+    /// records are taken before the last flush; then lets the flusher write it.
+    async fn close_sessions(&self) {
+        self.shutdown.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(SESSION_CLOSE_WAIT, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.sessions.len(),
+                "sessions still open at shutdown"
+            );
+        }
+        self.flush_stop.cancel();
+    }
+}
+
+/// The process signals the relay answers, installed before it says it is listening so none
+/// sent after that line is missed.
+struct Signals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate())
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "no SIGTERM handler; stopping on Ctrl-C only"),
+            )
+            .ok();
+        let hup = signal(SignalKind::hangup())
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "no SIGHUP handler; prices reload only at start"),
+            )
+            .ok();
+        Signals { term, hup }
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Signals {
+        Signals {}
+    }
+
+    /// Waits for SIGTERM or Ctrl-C, answering SIGHUP (price reload) meanwhile.
+    #[cfg(unix)]
+    async fn serve(mut self, app: Arc<App>) {
+        loop {
+            tokio::select! {
+                _ = recv(&mut self.term) => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = recv(&mut self.hup) => reload_prices(&app),
+            }
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn serve(self, _app: Arc<App>) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(unix)]
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGHUP reads `usage.prices` again (config reload arrives with live operations).
+fn reload_prices(app: &App) {
+    match app.usage.reload_prices() {
+        Ok(()) => tracing::info!(source = %app.usage.price_source(), "prices reloaded"),
+        Err(e) => tracing::error!(error = %e, "price reload failed; the old table stays"),
     }
 }
 

@@ -70,17 +70,21 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
             "WebSocket is not enabled for this key; use HTTP POST /v1/responses.",
         );
     }
+    let id = app.next_session.fetch_add(1, Ordering::Relaxed);
     let params = SessionParams {
         cfg: app.cfg.clone(),
         pool: app.pool.clone(),
         budget: app.budget.clone(),
         key_id: key.id.clone(),
         identity: Identity::from_headers(headers),
-        id: app.next_session.fetch_add(1, Ordering::Relaxed),
+        id,
+        tag: format!("{}-{id}", app.instance),
+        usage: app.usage.clone(),
+        shutdown: app.shutdown.clone(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = client_ws_config(params.cfg.limits.max_client_message_bytes);
-    tokio::spawn(async move {
+    app.sessions.spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(

@@ -3,6 +3,7 @@
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::record::{Ending, Read};
 use super::turn::{Turn, TurnStart, TurnStatus};
 use super::{Session, Step, Wake};
 use crate::error::{RelayError, Side};
@@ -26,6 +27,10 @@ impl Session {
             Wake::Upstream(f) => self.on_upstream(f),
             Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
+            Wake::Shutdown => {
+                self.shutting_down = true;
+                Step::Close(1012, "server shutting down")
+            }
         }
     }
 
@@ -54,13 +59,24 @@ impl Session {
         match client::parse(text) {
             Err(e) => self.refuse(e),
             Ok(ClientFrame::Ignore) => Step::Go,
-            // Interim policy until preemption lands: a request during a turn is `reject`.
-            Ok(ClientFrame::Create(_)) if self.turn.is_some() => self.refuse(
-                RelayError::new(Side::Client, 409, "invalid_request_error", "response_in_progress")
-                    .message("A response is already in progress on this socket; send the next request after its terminal event."),
-            ),
-            Ok(ClientFrame::Create(req)) => self.start_turn(req).await,
+            Ok(ClientFrame::Create(req)) => {
+                self.turns += 1;
+                let read = Read::now(self.turns);
+                if self.turn.is_some() {
+                    // Interim policy until preemption lands: a request during a turn is `reject`.
+                    let e = RelayError::new(Side::Client, 409, "invalid_request_error", "response_in_progress")
+                        .message("A response is already in progress on this socket; send the next request after its terminal event.");
+                    return self.refuse_create(&read, req.model(), e);
+                }
+                self.start_turn(req, read).await
+            }
         }
+    }
+
+    /// Refuses a `response.create`: its usage record says `rejected` (US-1).
+    fn refuse_create(&mut self, read: &Read, model: Option<&str>, e: RelayError) -> Step {
+        self.record_refused(read, model, &e);
+        self.refuse(e)
     }
 
     /// Answers a refused frame: at once between turns, after the terminal during one (§3).
@@ -77,13 +93,15 @@ impl Session {
         Step::Go
     }
 
-    async fn start_turn(&mut self, req: CreateRequest) -> Step {
+    async fn start_turn(&mut self, req: CreateRequest, read: Read) -> Step {
         let Some(model) = req
             .model()
             .map(str::to_string)
             .or_else(|| self.last_model.clone())
         else {
-            return self.refuse(
+            return self.refuse_create(
+                &read,
+                None,
                 RelayError::invalid_request(
                     "missing_model",
                     "The first request on a socket must name a model.",
@@ -93,7 +111,9 @@ impl Session {
         };
         if let Some(prev) = req.previous_response_id() {
             if self.last_response_id.as_deref() != Some(prev) {
-                return self.refuse(
+                return self.refuse_create(
+                    &read,
+                    Some(&model),
                     RelayError::invalid_request(
                         "previous_response_not_found",
                         format!("Previous response with id '{prev}' not found."),
@@ -103,7 +123,9 @@ impl Session {
             }
         }
         let Some(account) = scheduler::pick(&self.p.cfg, &model) else {
-            return self.refuse(
+            return self.refuse_create(
+                &read,
+                Some(&model),
                 RelayError::invalid_request(
                     "model_not_found",
                     format!("No upstream account serves the model '{model}'."),
@@ -113,7 +135,6 @@ impl Session {
         };
         let account = account.clone();
         self.last_model = Some(model.clone());
-        self.turns += 1;
         if self.p.budget.take_evicted(self.p.id) {
             self.transcript = None;
         }
@@ -123,7 +144,10 @@ impl Session {
         body.insert("type".into(), Value::String("response.create".into()));
         body.insert("model".into(), Value::String(model.clone()));
         self.turn = Some(Turn::new(TurnStart {
-            seq: self.turns,
+            request_id: read.request_id,
+            created_ms: read.created_ms,
+            read_at: read.at,
+            seq: read.seq,
             model,
             account_id: account.id.clone(),
             text,
@@ -163,7 +187,16 @@ impl Session {
             if let Some(d) = self.dialing.take() {
                 d.abort();
             }
-            record(&mut turn, TurnStatus::ClientCancelled);
+            let end = if self.shutting_down {
+                Ending::quiet(TurnStatus::Shutdown, "shutting_down", Side::Internal)
+            } else {
+                Ending::quiet(
+                    TurnStatus::ClientCancelled,
+                    "client_disconnected",
+                    Side::Client,
+                )
+            };
+            self.record_turn(&mut turn, end);
         }
         self.upstream = None;
         match step {
@@ -199,32 +232,4 @@ fn upstream_text(req: &CreateRequest, model: &str) -> String {
     body.insert("type".into(), Value::String("response.create".into()));
     body.insert("model".into(), Value::String(model.to_string()));
     Value::Object(body).to_string()
-}
-
-pub(super) fn record(turn: &mut Turn, status: TurnStatus) {
-    let t = turn.finish().clone();
-    metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => "ctx_pool")
-        .increment(1);
-    if let Some(v) = t.first_event {
-        metrics::histogram!(metric::TIME_TO_FIRST_EVENT).record(v);
-    }
-    if let Some(v) = t.first_token {
-        metrics::histogram!(metric::TIME_TO_FIRST_TOKEN).record(v);
-    }
-    if let Some(v) = t.total {
-        metrics::histogram!(metric::TURN_DURATION).record(v);
-    }
-    tracing::info!(
-        turn = turn.seq,
-        model = %turn.model,
-        account = %turn.account_id,
-        warm_up = turn.warm_up,
-        status = status.as_str(),
-        admission_wait = ?t.admission_wait,
-        upstream_write = ?t.upstream_write,
-        first_event = ?t.first_event,
-        first_token = ?t.first_token,
-        total = ?t.total,
-        "turn ended"
-    );
 }

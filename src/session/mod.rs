@@ -7,6 +7,7 @@
 mod handle;
 pub mod outbox;
 mod pump;
+mod record;
 pub mod transcript;
 pub mod turn;
 
@@ -25,6 +26,7 @@ use crate::error::RelayError;
 use crate::telemetry::metric;
 use crate::upstream::conn::sleep_until;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
+use crate::usage::Recorder;
 
 use outbox::Outbox;
 use transcript::{Transcript, TranscriptBudget};
@@ -38,6 +40,11 @@ pub struct SessionParams {
     pub key_id: String,
     pub identity: Identity,
     pub id: u64,
+    /// The session's name in usage records, unique across restarts.
+    pub tag: String,
+    pub usage: Arc<Recorder>,
+    /// Cancelled when the relay shuts down: the socket closes with 1012.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Whatever woke the session loop.
@@ -49,6 +56,7 @@ enum Wake {
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
     Silence,
     Ping,
+    Shutdown,
 }
 
 /// What the loop does next.
@@ -79,6 +87,8 @@ struct Session {
     transcript: Option<Transcript>,
     /// `x-codex-turn-state` from an upstream handshake, sent on this session's later dials.
     upstream_turn_state: Option<axum::http::HeaderValue>,
+    /// The relay is shutting down: a turn cut now is recorded as `shutdown`.
+    shutting_down: bool,
 }
 
 /// Runs a session until the client leaves or is closed.
@@ -114,7 +124,9 @@ where
         silent_at: None,
         transcript: Some(Transcript::default()),
         upstream_turn_state: None,
+        shutting_down: false,
     };
+    let shutdown = s.p.shutdown.clone();
     let end = loop {
         let wake = tokio::select! {
             m = stream.next() => Wake::Client(m),
@@ -123,6 +135,7 @@ where
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
             _ = sleep_until(s.silent_at), if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick() => Wake::Ping,
+            _ = shutdown.cancelled() => Wake::Shutdown,
         };
         match s.handle(wake).await {
             Step::Go => {}

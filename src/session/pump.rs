@@ -4,7 +4,7 @@
 
 use tokio_tungstenite::tungstenite::Message;
 
-use super::handle::record;
+use super::record::Ending;
 use super::transcript::{replay_body, Transcript};
 use super::turn::{terminal_outcome, Outcome, TurnStatus};
 use super::{Session, Step};
@@ -43,7 +43,7 @@ impl Session {
             // A refusal of the relay's own (no capacity) goes to the client as it is.
             Ok(Err(e)) => {
                 self.out.push_json(&e.ws_frame());
-                self.end_turn(TurnStatus::Rejected, None);
+                self.end_turn(Ending::by_error(TurnStatus::Rejected, &e));
                 Step::Go
             }
             Err(e) => self.fail_turn(
@@ -61,7 +61,7 @@ impl Session {
             Ok(text) => text,
             Err(e) => {
                 self.out.push_json(&e.ws_frame());
-                self.end_turn(TurnStatus::Rejected, None);
+                self.end_turn(Ending::by_error(TurnStatus::Rejected, &e));
                 return Step::Go;
             }
         };
@@ -69,9 +69,10 @@ impl Session {
             return Step::Go;
         };
         turn.attempts += 1;
+        let bytes = text.len();
         match up.send_text(text).await {
             Ok(()) => {
-                turn.mark_written();
+                turn.mark_written(bytes);
                 self.arm_silence();
                 Step::Go
             }
@@ -150,7 +151,7 @@ impl Session {
                 return self.retry_or_fail(e.side(Side::UpstreamProtocol));
             }
         }
-        if !turn.on_event(class, &kind) {
+        if !turn.on_event(class, &kind, text.as_str()) {
             return Step::Go;
         }
         let outcome = class
@@ -203,6 +204,7 @@ impl Session {
             return self.fail_turn(e);
         }
         turn.retries_left -= 1;
+        turn.abandon_attempt();
         self.silent_at = None;
         metrics::counter!(metric::RETRIES).increment(1);
         tracing::info!(reason = %e.message, attempt = turn.attempts + 1, "retrying the turn on a fresh context");
@@ -224,7 +226,7 @@ impl Session {
     pub(super) fn fail_turn(&mut self, e: RelayError) -> Step {
         tracing::warn!(side = e.side.as_str(), code = %e.code, message = %e.message, "turn failed");
         self.out.push_json(&e.ws_frame());
-        self.end_turn(TurnStatus::UpstreamLost, None);
+        self.end_turn(Ending::by_error(TurnStatus::UpstreamLost, &e));
         Step::Go
     }
 
@@ -245,7 +247,14 @@ impl Session {
                 self.bound_transcript();
             }
         }
-        self.end_turn(o.status, o.response_id);
+        let side = matches!(o.status, TurnStatus::Failed | TurnStatus::Error)
+            .then_some(Side::UpstreamProtocol);
+        self.end_turn(Ending {
+            status: o.status,
+            response_id: o.response_id,
+            usage: o.usage,
+            error: o.error_class.map(|c| (c, side)),
+        });
     }
 
     /// CT-6: a transcript over `limits.max_transcript_bytes` is dropped.
@@ -263,16 +272,16 @@ impl Session {
     }
 
     /// Closes the books on the running turn; the held errors follow its terminal.
-    pub(super) fn end_turn(&mut self, status: TurnStatus, response_id: Option<String>) {
+    pub(super) fn end_turn(&mut self, end: Ending) {
         let Some(mut turn) = self.turn.take() else {
             return;
         };
         self.silent_at = None;
-        match status {
+        match end.status {
             TurnStatus::Completed | TurnStatus::Incomplete => {
-                self.last_response_id = response_id.clone();
+                self.last_response_id = end.response_id.clone();
                 if let Some(up) = self.upstream.as_ref() {
-                    up.set_holds(response_id);
+                    up.set_holds(end.response_id.clone());
                 }
             }
             TurnStatus::Rejected => {}
@@ -282,7 +291,7 @@ impl Session {
                 }
             }
         }
-        record(&mut turn, status);
+        self.record_turn(&mut turn, end);
         for e in std::mem::take(&mut self.held) {
             self.out.push_json(&e.ws_frame());
         }

@@ -3,35 +3,12 @@
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use crate::protocol::classify;
 use crate::protocol::peek::EventClass;
+use crate::usage::estimate::{delta_bytes, tokens_for};
+use crate::usage::{TimingsMs, Tokens};
 
-/// How a turn ended, for logs, metrics and (later) the usage record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TurnStatus {
-    Completed,
-    Incomplete,
-    Failed,
-    /// The upstream answered with an `error` event.
-    Error,
-    ClientCancelled,
-    /// The relay refused the request.
-    Rejected,
-    UpstreamLost,
-}
-
-impl TurnStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TurnStatus::Completed => "completed",
-            TurnStatus::Incomplete => "incomplete",
-            TurnStatus::Failed => "failed",
-            TurnStatus::Error => "error",
-            TurnStatus::ClientCancelled => "client_cancelled",
-            TurnStatus::Rejected => "rejected",
-            TurnStatus::UpstreamLost => "upstream_lost",
-        }
-    }
-}
+pub use crate::usage::Status as TurnStatus;
 
 /// TP-8's measurements, in seconds from the turn's start.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -46,6 +23,9 @@ pub struct Timings {
 /// A running turn.
 #[derive(Debug)]
 pub struct Turn {
+    pub request_id: String,
+    /// When the request was read, Unix milliseconds.
+    pub created_ms: i64,
     pub seq: u64,
     pub model: String,
     pub account_id: String,
@@ -70,10 +50,20 @@ pub struct Turn {
     lifecycle_sent: Vec<String>,
     started: Instant,
     pub timings: Timings,
+    /// Bytes of the request the current attempt wrote upstream (US-3's input estimate).
+    sent_bytes: u64,
+    /// UTF-8 bytes of the `delta` texts the current attempt streamed (US-3's output estimate).
+    streamed_bytes: u64,
+    /// Estimated usage of attempts abandoned by a retry (US-3).
+    abandoned: Tokens,
 }
 
 /// What a turn starts from.
 pub struct TurnStart {
+    pub request_id: String,
+    pub created_ms: i64,
+    /// When the request was read: TP-8's timings count from here.
+    pub read_at: Instant,
     pub seq: u64,
     pub model: String,
     pub account_id: String,
@@ -88,6 +78,8 @@ impl Turn {
         let warm_up = t.body.get("generate").and_then(Value::as_bool) == Some(false);
         let new_items = super::transcript::input_items(&t.body);
         Turn {
+            request_id: t.request_id,
+            created_ms: t.created_ms,
             seq: t.seq,
             model: t.model,
             account_id: t.account_id,
@@ -101,11 +93,14 @@ impl Turn {
             attempts: 0,
             output_sent: false,
             lifecycle_sent: Vec::new(),
-            started: Instant::now(),
+            started: t.read_at,
             timings: Timings {
-                admission_wait: Some(0.0),
+                admission_wait: Some(t.read_at.elapsed().as_secs_f64()),
                 ..Timings::default()
             },
+            sent_bytes: 0,
+            streamed_bytes: 0,
+            abandoned: Tokens::default(),
         }
     }
 
@@ -113,7 +108,9 @@ impl Turn {
         self.started.elapsed().as_secs_f64()
     }
 
-    pub fn mark_written(&mut self) {
+    /// Notes that an attempt wrote `bytes` of request upstream.
+    pub fn mark_written(&mut self, bytes: usize) {
+        self.sent_bytes = bytes as u64;
         self.timings
             .upstream_write
             .get_or_insert(self.since_start());
@@ -121,7 +118,10 @@ impl Turn {
 
     /// Notes one upstream event; false when it must not reach the client (a retry's
     /// lifecycle event that the client already has).
-    pub fn on_event(&mut self, class: EventClass, kind: &str) -> bool {
+    pub fn on_event(&mut self, class: EventClass, kind: &str, text: &str) -> bool {
+        if class == EventClass::Delta {
+            self.streamed_bytes += delta_bytes(text);
+        }
         if class == EventClass::Lifecycle {
             if self.lifecycle_sent.iter().any(|k| k == kind) {
                 return false;
@@ -141,6 +141,44 @@ impl Turn {
         self.timings.total = Some(self.since_start());
         &self.timings
     }
+
+    /// US-3: the attempt in flight is given up for a retry; its estimated usage stays with
+    /// the turn.
+    pub fn abandon_attempt(&mut self) {
+        self.abandoned.add(self.attempt_estimate());
+        self.sent_bytes = 0;
+        self.streamed_bytes = 0;
+    }
+
+    fn attempt_estimate(&self) -> Tokens {
+        Tokens {
+            input: tokens_for(self.sent_bytes),
+            output: tokens_for(self.streamed_bytes),
+            ..Tokens::default()
+        }
+    }
+
+    /// The turn's tokens: what the terminal event reported, or the current attempt's
+    /// estimate, plus the estimates of abandoned attempts; and whether any part is estimated.
+    pub fn tokens(&self, reported: Option<Tokens>) -> (Tokens, bool) {
+        let mut total = self.abandoned;
+        let estimated = reported.is_none() && self.attempts > 0 || self.attempts > 1;
+        total.add(reported.unwrap_or_else(|| self.attempt_estimate()));
+        (total, estimated)
+    }
+}
+
+impl Timings {
+    pub fn to_ms(&self) -> TimingsMs {
+        let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
+        TimingsMs {
+            admission_wait: ms(self.admission_wait),
+            upstream_write: ms(self.upstream_write),
+            first_event: ms(self.first_event),
+            first_token: ms(self.first_token),
+            total: ms(self.total),
+        }
+    }
 }
 
 /// What the session learns from a terminal event: its status, response id and output items.
@@ -148,11 +186,22 @@ pub struct Outcome {
     pub status: TurnStatus,
     pub response_id: Option<String>,
     pub output: Vec<Value>,
+    /// Usage as the event reported it; none when it carries none.
+    pub usage: Option<Tokens>,
+    /// Why it did not complete: the error's class, or the incomplete reason.
+    pub error_class: Option<String>,
 }
 
 /// Parses a terminal event in full (the only events the relay parses whole).
 pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
     let mut parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let error_class = match class {
+        EventClass::Done => parsed
+            .pointer("/response/incomplete_details/reason")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => Some(classify::classify_value(&parsed).class.as_str().to_string()),
+    };
     let response = parsed
         .get_mut("response")
         .map(Value::take)
@@ -169,6 +218,7 @@ pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
         EventClass::Failed => TurnStatus::Failed,
         _ => TurnStatus::Error,
     };
+    let usage = response.get("usage").and_then(usage_of);
     let output = match response {
         Value::Object(mut r) => match r.remove("output") {
             Some(Value::Array(items)) => items,
@@ -180,7 +230,20 @@ pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
         status,
         response_id,
         output,
+        usage,
+        error_class,
     }
+}
+
+/// A `usage` object: input includes cached, output includes reasoning.
+fn usage_of(u: &Value) -> Option<Tokens> {
+    let n = |path: &str| u.pointer(path).and_then(Value::as_u64).unwrap_or(0);
+    u.is_object().then(|| Tokens {
+        input: n("/input_tokens"),
+        cached_input: n("/input_tokens_details/cached_tokens"),
+        output: n("/output_tokens"),
+        reasoning: n("/output_tokens_details/reasoning_tokens"),
+    })
 }
 
 #[cfg(test)]
@@ -191,6 +254,9 @@ mod tests {
     fn turn() -> Turn {
         let body = json!({"type": "response.create", "model": "m", "input": "hi"});
         Turn::new(TurnStart {
+            request_id: "req_1".into(),
+            created_ms: 0,
+            read_at: Instant::now(),
             seq: 1,
             model: "m".into(),
             account_id: "a".into(),
@@ -204,12 +270,12 @@ mod tests {
     #[test]
     fn tp8_first_event_and_first_token_are_kept_once() {
         let mut t = turn();
-        assert!(t.on_event(EventClass::Lifecycle, "response.created"));
+        assert!(t.on_event(EventClass::Lifecycle, "response.created", ""));
         assert!(!t.output_sent);
         let first = t.timings.first_event;
         assert!(first.is_some() && t.timings.first_token.is_none());
-        t.on_event(EventClass::Delta, "response.output_text.delta");
-        t.on_event(EventClass::Delta, "response.output_text.delta");
+        t.on_event(EventClass::Delta, "response.output_text.delta", "");
+        t.on_event(EventClass::Delta, "response.output_text.delta", "");
         assert!(t.output_sent);
         assert_eq!(t.timings.first_event, first);
         assert!(t.timings.first_token.is_some());
@@ -223,10 +289,10 @@ mod tests {
     #[test]
     fn ct9_a_retry_does_not_forward_lifecycle_events_again() {
         let mut t = turn();
-        assert!(t.on_event(EventClass::Lifecycle, "response.created"));
-        assert!(!t.on_event(EventClass::Lifecycle, "response.created"));
-        assert!(t.on_event(EventClass::Lifecycle, "response.in_progress"));
-        assert!(t.on_event(EventClass::Output, "response.output_item.added"));
+        assert!(t.on_event(EventClass::Lifecycle, "response.created", ""));
+        assert!(!t.on_event(EventClass::Lifecycle, "response.created", ""));
+        assert!(t.on_event(EventClass::Lifecycle, "response.in_progress", ""));
+        assert!(t.on_event(EventClass::Output, "response.output_item.added", ""));
     }
 
     #[test]

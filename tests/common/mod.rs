@@ -179,6 +179,8 @@ pub const KEY: &str = "sy-test-key";
 pub struct Env {
     pub mock: switchyard::mock::MockUpstream,
     pub relay: switchyard::server::Running,
+    /// Holds the relay's store (`store.path`) unless the config named one.
+    pub store_dir: tempfile::TempDir,
 }
 
 impl Env {
@@ -193,6 +195,24 @@ impl Env {
     /// A session on the relay with the test key.
     pub async fn connect(&self) -> Ws {
         ws_connect(&self.ws_url(), KEY).await
+    }
+
+    /// Every usage record taken so far, flushed and read back from the store, oldest first.
+    pub async fn records(&self) -> Vec<switchyard::usage::Record> {
+        let usage = &self.relay.app.usage;
+        usage.flush().await.expect("usage flush");
+        let store = switchyard::usage::store::Store::open(&self.relay.app.cfg.store.path)
+            .expect("open the store");
+        store
+            .records(&switchyard::usage::store::Query::default())
+            .expect("read records")
+    }
+
+    /// The records once `n` have been taken (a session records when it notices its end).
+    pub async fn records_when(&self, n: u64) -> Vec<switchyard::usage::Record> {
+        let usage = self.relay.app.usage.clone();
+        eventually(move || usage.recorded() >= n).await;
+        self.records().await
     }
 }
 
@@ -213,9 +233,27 @@ pub async fn relay_from(yaml: impl FnOnce(&str) -> String) -> Env {
     let mock = switchyard::mock::MockUpstream::start(switchyard::mock::MockOptions::default())
         .await
         .expect("mock");
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml(&mock.base_url())).expect("config");
+    relay_on(mock, yaml).await
+}
+
+/// Starts a relay with the config `yaml(mock_base_url)` in front of `mock`; its store goes
+/// to a fresh temporary directory unless the config names one.
+pub async fn relay_on(
+    mock: switchyard::mock::MockUpstream,
+    yaml: impl FnOnce(&str) -> String,
+) -> Env {
+    let mut cfg =
+        switchyard::config::Config::from_yaml_str(&yaml(&mock.base_url())).expect("config");
+    let store_dir = tempfile::tempdir().expect("store dir");
+    if cfg.store.path == switchyard::config::StoreConfig::default().path {
+        cfg.store.path = store_dir.path().join("usage.db");
+    }
     let relay = switchyard::server::spawn(cfg).await.expect("relay");
-    Env { mock, relay }
+    Env {
+        mock,
+        relay,
+        store_dir,
+    }
 }
 
 /// Polls a condition reached asynchronously (bounded by the hang guard).

@@ -1,0 +1,162 @@
+//! The session's side of US-1: every `response.create` it reads ends in exactly one usage
+//! record — a turn's when the request started one, a refusal's when the relay answered it
+//! with an error instead.
+
+use tokio::time::Instant;
+
+use super::turn::{Turn, TurnStatus};
+use super::Session;
+use crate::error::{RelayError, Side};
+use crate::telemetry::metric;
+use crate::usage::{self, Record, TimingsMs, Tokens};
+
+/// What the transport of a turn is called in records and metrics (the only one so far).
+const TRANSPORT: &str = "ctx_pool";
+
+/// A `response.create` as read: what its record needs whatever becomes of it.
+pub(super) struct Read {
+    pub request_id: String,
+    pub created_ms: i64,
+    pub at: Instant,
+    pub seq: u64,
+}
+
+impl Read {
+    pub fn now(seq: u64) -> Read {
+        Read {
+            request_id: usage::new_request_id(),
+            created_ms: usage::now_ms(),
+            at: Instant::now(),
+            seq,
+        }
+    }
+}
+
+/// How a turn ended, for its record.
+pub(super) struct Ending {
+    pub status: TurnStatus,
+    pub response_id: Option<String>,
+    /// Usage the terminal event reported.
+    pub usage: Option<Tokens>,
+    pub error: Option<(String, Option<Side>)>,
+}
+
+impl Ending {
+    /// Ended by the relay with an error of its own making.
+    pub fn by_error(status: TurnStatus, e: &RelayError) -> Ending {
+        Ending {
+            status,
+            response_id: None,
+            usage: None,
+            error: Some((e.code.clone(), Some(e.side))),
+        }
+    }
+
+    /// Ended without a word from either side's protocol (a client drop, a preemption).
+    pub fn quiet(status: TurnStatus, class: &str, side: Side) -> Ending {
+        Ending {
+            status,
+            response_id: None,
+            usage: None,
+            error: Some((class.to_string(), Some(side))),
+        }
+    }
+}
+
+impl Session {
+    /// Closes the books on `turn`: metrics, the log line, and its usage record.
+    pub(super) fn record_turn(&self, turn: &mut Turn, end: Ending) {
+        let timings = turn.finish().clone();
+        observe(end.status, &timings);
+        let (tokens, estimated) = turn.tokens(end.usage);
+        let (error_class, error_side) = split(end.error);
+        let r = Record {
+            request_id: turn.request_id.clone(),
+            created_ms: turn.created_ms,
+            response_id: end.response_id,
+            key_id: self.p.key_id.clone(),
+            account_id: Some(turn.account_id.clone()),
+            session: self.p.tag.clone(),
+            seq: turn.seq,
+            model: Some(turn.model.clone()),
+            transport: TRANSPORT.into(),
+            warm_up: turn.warm_up,
+            status: end.status,
+            cost_usd: self.p.usage.cost(Some(&turn.model), &tokens),
+            tokens,
+            estimated,
+            attempts: turn.attempts,
+            timings: timings.to_ms(),
+            error_class,
+            error_side,
+        };
+        tracing::info!(
+            request_id = %r.request_id,
+            turn = r.seq,
+            model = %turn.model,
+            account = %turn.account_id,
+            warm_up = r.warm_up,
+            status = r.status.as_str(),
+            attempts = r.attempts,
+            input_tokens = r.tokens.input,
+            output_tokens = r.tokens.output,
+            estimated = r.estimated,
+            first_event_ms = ?r.timings.first_event,
+            total_ms = ?r.timings.total,
+            "turn ended"
+        );
+        self.p.usage.record(r);
+    }
+
+    /// The record of a `response.create` the relay refused before it became a turn.
+    pub(super) fn record_refused(&self, read: &Read, model: Option<&str>, e: &RelayError) {
+        metrics::counter!(metric::TURNS, "status" => TurnStatus::Rejected.as_str(), "transport" => "none")
+            .increment(1);
+        let total = read.at.elapsed().as_secs_f64() * 1000.0;
+        self.p.usage.record(Record {
+            request_id: read.request_id.clone(),
+            created_ms: read.created_ms,
+            response_id: None,
+            key_id: self.p.key_id.clone(),
+            account_id: None,
+            session: self.p.tag.clone(),
+            seq: read.seq,
+            model: model.map(str::to_string),
+            transport: "none".into(),
+            warm_up: false,
+            status: TurnStatus::Rejected,
+            tokens: Tokens::default(),
+            cost_usd: Some(0.0),
+            estimated: false,
+            attempts: 0,
+            timings: TimingsMs {
+                total: Some(total),
+                ..TimingsMs::default()
+            },
+            error_class: Some(e.code.clone()),
+            error_side: Some(e.side.as_str().to_string()),
+        });
+    }
+}
+
+fn split(error: Option<(String, Option<Side>)>) -> (Option<String>, Option<String>) {
+    match error {
+        Some((class, side)) => (Some(class), side.map(|s| s.as_str().to_string())),
+        None => (None, None),
+    }
+}
+
+/// TP-8's metrics for one turn.
+fn observe(status: TurnStatus, t: &super::turn::Timings) {
+    metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => TRANSPORT)
+        .increment(1);
+    if let Some(v) = t.first_event {
+        metrics::histogram!(metric::TIME_TO_FIRST_EVENT).record(v);
+    }
+    if let Some(v) = t.first_token {
+        metrics::histogram!(metric::TIME_TO_FIRST_TOKEN).record(v);
+    }
+    if let Some(v) = t.total {
+        metrics::histogram!(metric::TURN_DURATION).record(v);
+    }
+}
