@@ -1,4 +1,5 @@
-//! The `switchyard` command: run the relay, check a config file, or run the mock upstream.
+//! The `switchyard` command: run the relay, check a config file, run the mock upstream, or
+//! summarise recorded usage.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -92,6 +92,11 @@ fn example_config_matches_the_defaults() {
             d.retry_budget
         )
     );
+    assert_eq!(cfg.store.path, defaults.store.path);
+    assert_eq!(
+        (cfg.usage.flush_interval, cfg.usage.prices.as_ref()),
+        (defaults.usage.flush_interval, None)
+    );
     assert_eq!(cfg.keys.len(), 1);
     assert_eq!(cfg.accounts.len(), 1);
     assert_eq!(cfg.accounts[0].max_conns, 16);
@@ -207,6 +212,9 @@ fn spec2_defaults() {
         assert_eq!(cfg.session.client_idle_timeout, Duration::from_secs(60));
         assert_eq!(cfg.session.max_held_errors, 16);
         assert_eq!(cfg.session.pump_channel, 64);
+        assert_eq!(cfg.store.path, PathBuf::from("./switchyard.db"));
+        assert_eq!(cfg.usage.flush_interval, Duration::from_secs(1));
+        assert_eq!(cfg.usage.prices, None);
     }
     let cfg = Config::from_yaml_str(
         "keys: [{id: k, key: sy}]\naccounts: [{id: a, base_url: 'https://h', api_key: sk}]\n",
@@ -262,9 +270,18 @@ session:
   client_idle_timeout: 2m
   max_held_errors: 2
   pump_channel: 8
+store:
+  path: /var/lib/switchyard/usage.db
+usage:
+  flush_interval: 250ms
 "#,
     )
     .unwrap();
+    assert_eq!(
+        cfg.store.path,
+        PathBuf::from("/var/lib/switchyard/usage.db")
+    );
+    assert_eq!(cfg.usage.flush_interval, Duration::from_millis(250));
     assert_eq!(cfg.listen, "0.0.0.0:9999".parse::<SocketAddr>().unwrap());
     assert!(!cfg.ingress.websocket);
     assert!(cfg.keys[0].disabled && !cfg.keys[0].websocket);
@@ -289,11 +306,43 @@ session:
     assert_eq!(cfg.session.pump_channel, 8);
 }
 
+/// US-2: `usage.prices` is read and checked with the config.
+#[test]
+fn us2_usage_prices_is_loaded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        &dir,
+        "prices.yaml",
+        "models: {m*: {input: 1, cached_input: 0.5, output: 2}}",
+    );
+    let cfg = Config::from_yaml_str(&format!("usage: {{prices: '{}'}}", good.display())).unwrap();
+    assert_eq!(cfg.usage.prices.as_deref(), Some(good.as_path()));
+    let bad = write(
+        &dir,
+        "bad.yaml",
+        "models: {m: {input: -1, cached_input: 0, output: 2}}",
+    );
+    let e = errors(&format!("usage: {{prices: '{}'}}", bad.display())).to_string();
+    assert!(
+        e.contains("usage.prices") && e.contains("models.m.input"),
+        "{e}"
+    );
+}
+
 /// OP-4: each bad value is rejected, naming its path.
 #[test]
 fn op4_every_bad_value_names_its_path() {
     let acct = "id: a, base_url: 'https://h', api_key: k";
     let cases: Vec<(String, &str)> = vec![
+        ("usage: {flush_interval: 0s}".into(), "usage.flush_interval"),
+        ("usage: {flush_interval: 5}".into(), "usage.flush_interval"),
+        (
+            "usage: {prices: /nonexistent/prices.yaml}".into(),
+            "usage.prices",
+        ),
+        ("usage: {price: x}".into(), "usage.price"),
+        ("store: {path: ''}".into(), "store.path"),
+        ("store: {path: [1]}".into(), "store.path"),
         ("listen: nowhere".into(), "listen"),
         ("listen: 8080".into(), "listen"),
         ("ingress: {websocket: maybe}".into(), "ingress.websocket"),

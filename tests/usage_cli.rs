@@ -344,7 +344,7 @@ fn the_text_table_ends_with_a_total_line() {
         total.contains("completed=2") && total.contains("rejected=1"),
         "{text}"
     );
-    assert!(text.contains("2 request(s) have no price"), "{text}");
+    assert!(text.contains("2 request(s) have no cost"), "{text}");
     let plain = stdout(&usage(&path, &[]));
     assert_eq!(
         plain.lines().filter(|l| l.starts_with("total")).count(),

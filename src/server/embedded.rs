@@ -35,7 +35,8 @@ pub fn banner(addr: SocketAddr, key: &str, mock_url: &str) -> String {
     format!(
         "switchyard: no --config given; serving the embedded default on {addr}\n\
          upstream: the built-in mock at {mock_url} (answers every model; see README)\n\
-         dev key (printed once): {key}\n\n\
+         dev key (printed once): {key}\n\
+         usage records: ./switchyard.db (see `switchyard usage`)\n\n\
          Codex CLI: export SWITCHYARD_API_KEY={key}\n\
          and put this in ~/.codex/config.toml:\n\n\
          model_provider = \"switchyard\"\n\n\

@@ -166,8 +166,8 @@ pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
             Ok(now_ms.saturating_sub(ago_ms).max(0))
         }
         Err(e) => Err(format!(
-            "cannot read {text:?} ({e}); expected YYYY-MM-DD, an RFC 3339 time in UTC \
-             (2025-01-31T12:00:00Z) or a duration before now (90m, 24h, 7d)"
+            "cannot read {text:?}: expected YYYY-MM-DD, an RFC 3339 time in UTC \
+             (2025-01-31T12:00:00Z) or a duration before now (90m, 24h, 7d); as a duration: {e}"
         )),
     }
 }
@@ -305,7 +305,7 @@ fn write_text(report: &Report, store: &Path, out: &mut impl Write) -> io::Result
     if report.total.unpriced > 0 {
         writeln!(
             out,
-            "{} request(s) have no price (model not in the price table); cost_usd leaves them out",
+            "{} request(s) have no cost (no model, or one the price table lacks); cost_usd leaves them out",
             report.total.unpriced
         )?;
     }

@@ -169,7 +169,7 @@ pub struct SummaryRow {
     pub reasoning: u64,
     /// The sum of the known costs; see `unpriced` for how many were unknown.
     pub cost_usd: f64,
-    /// Records whose cost is null (model not in the price table).
+    /// Records whose cost is null (no model, or one the price table lacks).
     pub unpriced: u64,
     /// Records whose token counts are (partly) estimated.
     pub estimated: u64,
