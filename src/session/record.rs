@@ -86,7 +86,7 @@ impl Session {
             tokens,
             estimated,
             attempts: turn.attempts,
-            timings: timings.to_ms(),
+            timings,
             error_class,
             error_side,
         };
@@ -147,16 +147,16 @@ fn split(error: Option<(String, Option<Side>)>) -> (Option<String>, Option<Strin
 }
 
 /// TP-8's metrics for one turn.
-fn observe(status: TurnStatus, t: &super::turn::Timings) {
+fn observe(status: TurnStatus, t: &TimingsMs) {
     metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => TRANSPORT)
         .increment(1);
-    if let Some(v) = t.first_event {
-        metrics::histogram!(metric::TIME_TO_FIRST_EVENT).record(v);
-    }
-    if let Some(v) = t.first_token {
-        metrics::histogram!(metric::TIME_TO_FIRST_TOKEN).record(v);
-    }
-    if let Some(v) = t.total {
-        metrics::histogram!(metric::TURN_DURATION).record(v);
+    for (name, ms) in [
+        (metric::TIME_TO_FIRST_EVENT, t.first_event),
+        (metric::TIME_TO_FIRST_TOKEN, t.first_token),
+        (metric::TURN_DURATION, t.total),
+    ] {
+        if let Some(ms) = ms {
+            metrics::histogram!(name).record(ms / 1000.0);
+        }
     }
 }

@@ -6,19 +6,9 @@ use tokio::time::Instant;
 use crate::protocol::classify;
 use crate::protocol::peek::EventClass;
 use crate::usage::estimate::{delta_bytes, tokens_for};
-use crate::usage::{TimingsMs, Tokens};
+use crate::usage::{TimingsMs as Timings, Tokens};
 
 pub use crate::usage::Status as TurnStatus;
-
-/// TP-8's measurements, in seconds from the turn's start.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Timings {
-    pub admission_wait: Option<f64>,
-    pub upstream_write: Option<f64>,
-    pub first_event: Option<f64>,
-    pub first_token: Option<f64>,
-    pub total: Option<f64>,
-}
 
 /// A running turn.
 #[derive(Debug)]
@@ -49,6 +39,7 @@ pub struct Turn {
     /// Lifecycle event types already forwarded: a retry does not send them again (CT-9).
     lifecycle_sent: Vec<String>,
     started: Instant,
+    /// TP-8's measurements, in ms from the moment the request was read.
     pub timings: Timings,
     /// Bytes of the request the current attempt wrote upstream (US-3's input estimate).
     sent_bytes: u64,
@@ -95,7 +86,7 @@ impl Turn {
             lifecycle_sent: Vec::new(),
             started: t.read_at,
             timings: Timings {
-                admission_wait: Some(t.read_at.elapsed().as_secs_f64()),
+                admission_wait: Some(t.read_at.elapsed().as_secs_f64() * 1000.0),
                 ..Timings::default()
             },
             sent_bytes: 0,
@@ -105,7 +96,7 @@ impl Turn {
     }
 
     fn since_start(&self) -> f64 {
-        self.started.elapsed().as_secs_f64()
+        self.started.elapsed().as_secs_f64() * 1000.0
     }
 
     /// Notes that an attempt wrote `bytes` of request upstream.
@@ -165,19 +156,6 @@ impl Turn {
         let estimated = reported.is_none() && self.attempts > 0 || self.attempts > 1;
         total.add(reported.unwrap_or_else(|| self.attempt_estimate()));
         (total, estimated)
-    }
-}
-
-impl Timings {
-    pub fn to_ms(&self) -> TimingsMs {
-        let ms = |v: Option<f64>| v.map(|s| s * 1000.0);
-        TimingsMs {
-            admission_wait: ms(self.admission_wait),
-            upstream_write: ms(self.upstream_write),
-            first_event: ms(self.first_event),
-            first_token: ms(self.first_token),
-            total: ms(self.total),
-        }
     }
 }
 
