@@ -23,6 +23,13 @@
 //! [`scheduler`] picks the upstream account for each turn (for now the first account that serves
 //! the model).
 //!
+//! [`state`] is the shared-state interface (async and fallible, so a networked backend fits):
+//! for now the per-account turn slots of SC-3, kept by the in-process `memory` backend.
+//!
+//! [`usage`] turns every `response.create` into one usage record — tokens reported or estimated,
+//! cost from a dated price table, timings, who failed — and writes the records in batches to the
+//! embedded SQLite store, which `switchyard usage` reads.
+//!
 //! [`upstream`] dials an account's WebSocket with its key and the client's identity headers and
 //! runs the connection's reader task, which feeds a bounded channel for the connection's life.
 //!
@@ -43,14 +50,17 @@
 //!
 //! # The life of a turn
 //!
-//! A client frame `response.create` is read by the session's reader → admission checks the
-//! key's limits → the scheduler picks an account → the session leases an upstream context (a
-//! pooled WebSocket: reused if warm, dialed if not) → continuity decides between the fast path
+//! A client frame `response.create` is read by the session's reader (a turn already running is
+//! preempted, or the request is queued or refused, by `session.preempt_policy`) → the scheduler
+//! picks an account → admission takes one of the account's turn slots, waiting up to
+//! `session.admission_timeout` → the session leases an upstream context (a pooled WebSocket:
+//! its own if still held, an idle one, a new dial, or another session's parked one) → continuity decides between the fast path
 //! (`previous_response_id` the context still holds) and a full replay of the transcript → the
 //! request is written upstream → the context's reader task pushes each event into a bounded
 //! channel and the session's writer forwards the original bytes to the client, peeking only at
 //! the event type → at the terminal event the transcript and bindings advance, the slot is
-//! released, the context stays with the session, and one usage record is written.
+//! released, the context stays parked with the session, and one usage record is handed to the
+//! recorder, which flushes it to the store off the hot path.
 
 pub mod config;
 pub mod error;
@@ -59,6 +69,7 @@ pub mod protocol;
 pub mod scheduler;
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod telemetry;
 pub mod tuning;
 pub mod upstream;

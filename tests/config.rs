@@ -93,6 +93,30 @@ fn example_config_matches_the_defaults() {
         )
     );
     assert_eq!(cfg.store.path, defaults.store.path);
+    let (s, ds) = (&cfg.session, &defaults.session);
+    assert_eq!(
+        (
+            s.idle_timeout,
+            s.first_message_timeout,
+            s.preempt_policy,
+            s.queue_depth
+        ),
+        (
+            ds.idle_timeout,
+            ds.first_message_timeout,
+            ds.preempt_policy,
+            ds.queue_depth
+        )
+    );
+    assert_eq!(
+        (s.cancel_grace, s.admission_timeout),
+        (ds.cancel_grace, ds.admission_timeout)
+    );
+    assert_eq!(
+        (cfg.upstream.max_age, cfg.upstream.min_idle),
+        (defaults.upstream.max_age, defaults.upstream.min_idle)
+    );
+    assert_eq!(cfg.accounts[0].concurrency, 16);
     assert_eq!(
         (cfg.usage.flush_interval, cfg.usage.prices.as_ref()),
         (defaults.usage.flush_interval, None)
@@ -213,6 +237,15 @@ fn spec2_defaults() {
         assert_eq!(cfg.session.max_held_errors, 16);
         assert_eq!(cfg.session.pump_channel, 64);
         assert_eq!(cfg.store.path, PathBuf::from("./switchyard.db"));
+        assert_eq!(cfg.upstream.max_age, Duration::from_secs(55 * 60));
+        assert_eq!(cfg.upstream.min_idle, 0);
+        let s = &cfg.session;
+        assert_eq!(s.idle_timeout, Duration::from_secs(3600));
+        assert_eq!(s.first_message_timeout, Duration::from_secs(30));
+        assert_eq!(s.preempt_policy, switchyard::config::PreemptPolicy::Preempt);
+        assert_eq!(s.queue_depth, 1);
+        assert_eq!(s.cancel_grace, Duration::from_secs(2));
+        assert_eq!(s.admission_timeout, Duration::from_secs(30));
         assert_eq!(cfg.usage.flush_interval, Duration::from_secs(1));
         assert_eq!(cfg.usage.prices, None);
     }
@@ -252,6 +285,7 @@ accounts:
     mode: ctx_pool
     models: ["gpt-5*", "o3"]
     max_conns: 3
+    concurrency: 5
     headers:
       OpenAI-Organization: org-1
 upstream:
@@ -261,6 +295,8 @@ upstream:
   max_message_bytes: 1024
   stream_idle_timeout: 4m
   retry_budget: 3
+  max_age: 30m
+  min_idle: 2
 limits:
   max_client_message_bytes: 4096
   max_transcript_bytes: 2048
@@ -270,6 +306,12 @@ session:
   client_idle_timeout: 2m
   max_held_errors: 2
   pump_channel: 8
+  idle_timeout: 10m
+  first_message_timeout: 5s
+  preempt_policy: queue
+  queue_depth: 3
+  cancel_grace: 100ms
+  admission_timeout: 1s
 store:
   path: /var/lib/switchyard/usage.db
 usage:
@@ -335,6 +377,26 @@ fn op4_every_bad_value_names_its_path() {
     let acct = "id: a, base_url: 'https://h', api_key: k";
     let cases: Vec<(String, &str)> = vec![
         ("usage: {flush_interval: 0s}".into(), "usage.flush_interval"),
+        (
+            "session: {preempt_policy: kill}".into(),
+            "session.preempt_policy",
+        ),
+        ("session: {cancel_grace: 0s}".into(), "session.cancel_grace"),
+        (
+            "session: {admission_timeout: 0ms}".into(),
+            "session.admission_timeout",
+        ),
+        ("session: {idle_timeout: 0s}".into(), "session.idle_timeout"),
+        (
+            "session: {first_message_timeout: 0s}".into(),
+            "session.first_message_timeout",
+        ),
+        ("upstream: {max_age: 0s}".into(), "upstream.max_age"),
+        ("upstream: {min_idle: -1}".into(), "upstream.min_idle"),
+        (
+            format!("accounts: [{{{acct}, concurrency: 0}}]"),
+            "accounts[0].concurrency",
+        ),
         ("usage: {flush_interval: 5}".into(), "usage.flush_interval"),
         (
             "usage: {prices: /nonexistent/prices.yaml}".into(),
@@ -477,8 +539,8 @@ fn op4_every_bad_value_names_its_path() {
         ),
         ("session: {pump_channel: -1}".into(), "session.pump_channel"),
         (
-            "session: {idle_timeout: 60m}".into(),
-            "session.idle_timeout",
+            "session: {http_session_ttl: 30m}".into(),
+            "session.http_session_ttl",
         ),
         ("upstream: 5".into(), "upstream"),
         (
@@ -526,8 +588,11 @@ fn op4_every_bad_value_names_its_path() {
             "upstream.stream_idle_timeout",
         ),
         // Keys named in the SPEC arrive with their behaviour, not before.
-        ("upstream: {max_age: 55m}".into(), "upstream.max_age"),
-        ("upstream: {min_idle: 1}".into(), "upstream.min_idle"),
+        ("upstream: {force_http: true}".into(), "upstream.force_http"),
+        (
+            "upstream: {ws_fallback_cooldown: 30s}".into(),
+            "upstream.ws_fallback_cooldown",
+        ),
         (
             "upstream: {retry_budget: -1}".into(),
             "upstream.retry_budget",
@@ -562,7 +627,7 @@ fn op4_every_bad_value_names_its_path() {
 fn op4_upstream_errors_are_all_reported() {
     let errs = errors(
         "upstream:\n  ping_interval: 0s\n  pong_timeout: 5\n  dial_timeout: never\n  \
-         max_message_bytes: 10\n  stream_idle_timeout: 0s\n  max_age: 55m\n",
+         max_message_bytes: 10\n  stream_idle_timeout: 0s\n  ws_failure_burst: 3\n",
     );
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
@@ -573,12 +638,13 @@ fn op4_upstream_errors_are_all_reported() {
             "upstream.dial_timeout",
             "upstream.max_message_bytes",
             "upstream.stream_idle_timeout",
-            "upstream.max_age",
+            "upstream.ws_failure_burst",
         ],
         "{errs}"
     );
     assert!(
-        errs.to_string().contains("upstream.max_age: unknown key"),
+        errs.to_string()
+            .contains("upstream.ws_failure_burst: unknown key"),
         "{errs}"
     );
     let empty = Config::from_yaml_str("upstream:\n").unwrap();

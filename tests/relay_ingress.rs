@@ -868,7 +868,7 @@ const SLOW: &str = "slow [[mock:text 40]] [[mock:fault slow 5ms]]";
 
 #[tokio::test]
 async fn s3_errors_during_a_turn_follow_its_terminal_in_order() {
-    let env = relay("").await;
+    let env = relay("session:\n  preempt_policy: reject\n").await;
     let mut ws = env.connect().await;
     send(&mut ws, &create(MODEL, SLOW)).await;
     let first = next_event(&mut ws).await;

@@ -1,5 +1,6 @@
-//! The upstream context pool seen through the relay (SPEC UP-1 … UP-4, UP-8, and the
-//! `upstream.*` limits): real relay, real mock upstream, real WebSocket clients.
+//! The upstream context pool seen through the relay (SPEC UP-1 … UP-8, SC-3's wait for a
+//! context, TP-4's cancel, and the `upstream.*` limits): real relay, real mock upstream, real
+//! WebSocket clients.
 
 mod common;
 
@@ -8,6 +9,26 @@ use serde_json::{json, Value};
 
 fn pool(env: &Env) -> Vec<switchyard::upstream::pool::ContextView> {
     env.relay.app.pool.snapshot()
+}
+
+fn user(text: &str) -> Value {
+    json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+}
+
+/// A first turn with `store:false`, so only the connection's cache (or a replay) can chain it.
+fn first(text: &str) -> Value {
+    json!({"type": "response.create", "model": "gpt-test", "store": false, "input": [user(text)]})
+}
+
+fn chained(prev: &str, text: &str) -> Value {
+    json!({"type": "response.create", "model": "gpt-test", "store": false,
+        "previous_response_id": prev, "input": [user(text)]})
+}
+
+fn completed(events: &[Value]) -> &Value {
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "response.completed", "{events:?}");
+    &last["response"]
 }
 
 async fn expect_lost(ws: &mut Ws) -> Vec<Value> {
@@ -71,26 +92,126 @@ async fn up1_concurrent_sessions_get_their_own_contexts() {
 }
 
 #[tokio::test]
-async fn max_conns_refuses_a_session_beyond_it_with_no_capacity_and_the_socket_stays_open() {
+async fn sc3_at_max_conns_a_turn_waits_for_the_running_turn_and_then_completes() {
     let env = relay("    max_conns: 1\n").await;
     let mut a = env.connect().await;
-    send(&mut a, &create("gpt-test", "holds the only context")).await;
-    read_turn(&mut a).await;
+    send(
+        &mut a,
+        &create("gpt-test", "[[mock:text 40]] [[mock:fault slow 10ms]]"),
+    )
+    .await;
+    assert!(
+        matches!(next_frame(&mut a).await, Frame::Event(_)),
+        "a's turn runs"
+    );
+    let mut b = env.connect().await;
+    send(&mut b, &create("gpt-test", "b waits")).await;
+    assert_eq!(completed(&read_turn(&mut a).await)["status"], "completed");
+    assert_eq!(completed(&read_turn(&mut b).await)["status"], "completed");
+    let log = env.mock.log();
+    assert_eq!(
+        log.upgrades.len(),
+        1,
+        "one connection, one turn after the other"
+    );
+    let a_end = &log.stream_ends[0];
+    assert_eq!(
+        (a_end.end.as_str(), a_end.sent),
+        ("completed", a_end.planned),
+        "a was not cut"
+    );
+    assert_eq!(log.requests.len(), 2);
+}
+
+#[tokio::test]
+async fn sc3_no_capacity_after_admission_timeout_and_the_socket_stays_open() {
+    let env = relay("    max_conns: 1\nsession:\n  admission_timeout: 200ms\n").await;
+    let mut a = env.connect().await;
+    send(&mut a, &create("gpt-test", "[[mock:fault stall]]")).await;
+    for _ in 0..2 {
+        assert!(matches!(next_frame(&mut a).await, Frame::Event(_)));
+    }
     let mut b = env.connect().await;
     send(&mut b, &create("gpt-test", "no room")).await;
     let e = read_turn(&mut b).await;
+    assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!(
         (e[0]["status"].as_u64(), e[0]["error"]["code"].as_str()),
         (Some(503), Some("no_capacity"))
     );
     drop(a);
-    eventually(|| pool(&env).iter().all(|c| c.leased_by.is_none())).await;
     send(&mut b, &create("gpt-test", "room now")).await;
+    assert_eq!(completed(&read_turn(&mut b).await)["status"], "completed");
+    let log = env.mock.log();
     assert_eq!(
-        read_turn(&mut b).await.last().unwrap()["type"],
-        "response.completed"
+        log.client_close_frames,
+        vec![(1, Some(1000))],
+        "a's turn was cancelled"
     );
-    assert_eq!(env.mock.log().upgrades.len(), 1);
+    assert_eq!(log.upgrades.len(), 2, "b's turn redialed the freed context");
+    assert_eq!(pool(&env).len(), 1);
+}
+
+#[tokio::test]
+async fn up5_a_turn_after_max_age_goes_on_a_new_connection_and_replays() {
+    let env = relay("upstream:\n  max_age: 200ms\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &first("one [[mock:text 4]]")).await;
+    let r1 = completed(&read_turn(&mut ws).await).clone();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await; // precondition: past max_age
+    send(&mut ws, &chained(r1["id"].as_str().unwrap(), "two")).await;
+    assert_eq!(completed(&read_turn(&mut ws).await)["status"], "completed");
+    let log = env.mock.log();
+    assert_eq!(log.upgrades.len(), 2, "replaced between the turns");
+    assert_eq!(
+        log.client_close_frames,
+        vec![(1, Some(1000))],
+        "the old one closed politely"
+    );
+    let body = &log.requests[1].body;
+    assert_eq!(log.requests[1].conn, 2);
+    assert!(
+        body.get("previous_response_id").is_none(),
+        "CT-2 replay: {body}"
+    );
+    assert_eq!(body["input"].as_array().map(Vec::len), Some(3), "{body}");
+}
+
+#[tokio::test]
+async fn up6_at_max_conns_a_new_session_takes_an_idle_sessions_context() {
+    let env = relay("    max_conns: 1\n").await;
+    let mut a = env.connect().await;
+    send(&mut a, &first("a one [[mock:text 4]]")).await;
+    let r1 = completed(&read_turn(&mut a).await).clone();
+    let mut b = env.connect().await;
+    send(&mut b, &create("gpt-test", "b takes it")).await;
+    assert_eq!(completed(&read_turn(&mut b).await)["status"], "completed");
+    assert_eq!(env.mock.log().upgrades.len(), 1, "taken as it is, no dial");
+    // A continues: its context is cold (B used it), so the relay replays (CT-2).
+    send(&mut a, &chained(r1["id"].as_str().unwrap(), "a two")).await;
+    assert_eq!(completed(&read_turn(&mut a).await)["status"], "completed");
+    let log = env.mock.log();
+    assert_eq!(log.upgrades.len(), 1);
+    assert!(log.requests.iter().all(|r| r.conn == 1));
+    let body = &log.requests[2].body;
+    assert!(
+        body.get("previous_response_id").is_none(),
+        "CT-2 replay: {body}"
+    );
+    assert_eq!(pool(&env)[0].leased_by, Some(1), "a holds it again");
+}
+
+#[tokio::test]
+async fn up7_min_idle_contexts_are_dialed_before_any_client_and_used_first() {
+    let env = relay("upstream:\n  min_idle: 2\n").await;
+    eventually(|| env.mock.log().upgrades.len() == 2).await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "warm")).await;
+    assert_eq!(completed(&read_turn(&mut ws).await)["status"], "completed");
+    let log = env.mock.log();
+    assert!(log.requests[0].conn <= 2, "the turn went on a warm context");
+    // The session holds one now: another is dialed to keep two idle.
+    eventually(|| env.mock.log().upgrades.len() == 3).await;
 }
 
 #[tokio::test]
@@ -228,4 +349,38 @@ async fn tp4_a_client_leaving_mid_turn_closes_only_that_context_and_leaks_nothin
         "response.completed"
     );
     assert_eq!(pool(&env).len(), 1, "the context was reused, redialed");
+}
+
+#[tokio::test]
+async fn tp4_the_relay_closes_the_upstream_before_its_next_event_and_leaks_nothing() {
+    let env = relay("").await;
+    let mut ws = env.connect().await;
+    send(
+        &mut ws,
+        &create("gpt-test", "[[mock:text 200]] [[mock:fault slow 30ms]]"),
+    )
+    .await;
+    for _ in 0..3 {
+        assert!(matches!(next_frame(&mut ws).await, Frame::Event(_)));
+    }
+    drop(ws);
+    eventually(|| env.mock.log().stream_ends.len() == 1).await;
+    let log = env.mock.log();
+    let end = &log.stream_ends[0];
+    assert_eq!(
+        end.end, "client_closed",
+        "the mock saw the close while it waited: {end:?}"
+    );
+    assert!(end.sent < end.planned, "{end:?}");
+    assert_eq!(
+        log.client_close_frames,
+        vec![(1, Some(1000))],
+        "a Close frame, not an abort"
+    );
+    let app = env.relay.app.clone();
+    eventually(move || {
+        let n = app.pool.counts();
+        n.held == 0 && n.in_turn == 0 && n.open == 0 && n.tasks == 0
+    })
+    .await;
 }

@@ -403,9 +403,10 @@ async fn tp6_consecutive_turns_never_interleave() {
     assert!(items1.iter().all(|i| !items2.contains(i)));
 }
 
+/// TP-5 `reject`: a request during a turn gets 409 after the running turn's terminal.
 #[tokio::test]
-async fn tp6_interim_reject_answers_409_after_the_running_terminal() {
-    let env = relay("").await;
+async fn tp5_reject_answers_409_after_the_running_terminal() {
+    let env = relay("session:\n  preempt_policy: reject\n").await;
     let mut ws = env.connect().await;
     send(
         &mut ws,

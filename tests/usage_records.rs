@@ -237,7 +237,8 @@ async fn us1_warm_up_is_recorded_with_its_flag() {
 /// Every refused `response.create` gets a `rejected` record, with the refusal's code.
 #[tokio::test]
 async fn us1_refused_requests_each_get_a_rejected_record() {
-    let (env, _dir) = priced_relay("    models: [gpt-test]\n").await;
+    let (env, _dir) =
+        priced_relay("    models: [gpt-test]\nsession:\n  preempt_policy: reject\n").await;
     let mut ws = env.connect().await;
     // No model on the first request; then a model no account serves; then an unknown chain.
     send(&mut ws, &json!({"type": "response.create", "input": "hi"})).await;
@@ -248,7 +249,7 @@ async fn us1_refused_requests_each_get_a_rejected_record() {
     chained["previous_response_id"] = json!("resp_unknown");
     send(&mut ws, &chained).await;
     read_turn(&mut ws).await;
-    // A request while a turn runs (interim `reject` policy): 409 after the terminal.
+    // A request while a turn runs (`reject` policy): 409 after the terminal.
     send(
         &mut ws,
         &create("gpt-test", "[[mock:text 30]] [[mock:fault slow 2ms]]"),

@@ -179,6 +179,8 @@ pub struct AccountConfig {
     pub models: Vec<String>,
     /// Upper bound on upstream WebSocket contexts held open for this account.
     pub max_conns: usize,
+    /// Turns running at once on this account (SC-3); an idle socket holds no slot.
+    pub concurrency: usize,
     /// Extra headers sent upstream; names the relay sets itself are refused at load.
     #[serde(deserialize_with = "value::null_as_default")]
     pub headers: BTreeMap<String, String>,
@@ -196,6 +198,7 @@ impl Default for AccountConfig {
             mode: AccountMode::default(),
             models: vec!["*".to_owned()],
             max_conns: 16,
+            concurrency: 16,
             headers: BTreeMap::new(),
             resolved_api_key: Secret::default(),
         }
@@ -289,6 +292,11 @@ pub struct UpstreamConfig {
     pub stream_idle_timeout: Duration,
     /// Transparent retries of one turn on a fresh context (CT-8/CT-9); 0 never retries.
     pub retry_budget: u32,
+    /// A context older than this is replaced between turns (UP-5).
+    #[serde(deserialize_with = "value::duration")]
+    pub max_age: Duration,
+    /// Warm idle contexts kept dialed per account (UP-7).
+    pub min_idle: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -300,6 +308,8 @@ impl Default for UpstreamConfig {
             max_message_bytes: 64 * 1024 * 1024,
             stream_idle_timeout: Duration::from_secs(240),
             retry_budget: 1,
+            max_age: Duration::from_secs(55 * 60),
+            min_idle: 0,
         }
     }
 }
@@ -346,6 +356,35 @@ pub struct SessionConfig {
     pub max_held_errors: usize,
     /// Events buffered between the upstream reader and the client writer (TP-2).
     pub pump_channel: usize,
+    /// No request for this long closes the socket with 1000 (WS-8).
+    #[serde(deserialize_with = "value::duration")]
+    pub idle_timeout: Duration,
+    /// No first frame within this long closes the socket with 1008 (WS-8).
+    #[serde(deserialize_with = "value::duration")]
+    pub first_message_timeout: Duration,
+    /// What a `response.create` during a running turn does (TP-5).
+    pub preempt_policy: PreemptPolicy,
+    /// Requests waiting behind the running one under `queue`; more get 409 (TP-5).
+    pub queue_depth: usize,
+    /// Upper bound on closing a turn's upstream after the client left or preempted (TP-4).
+    #[serde(deserialize_with = "value::duration")]
+    pub cancel_grace: Duration,
+    /// How long a turn waits for an account slot or context, then 503 `no_capacity` (SC-3).
+    #[serde(deserialize_with = "value::duration")]
+    pub admission_timeout: Duration,
+}
+
+/// TP-5: a new `response.create` while a turn runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreemptPolicy {
+    /// The running turn is cut (no terminal) and the new one starts.
+    #[default]
+    Preempt,
+    /// The new request gets 409 `response_in_progress` after the running turn's terminal.
+    Reject,
+    /// The new request runs after the running turn (`queue_depth` may wait).
+    Queue,
 }
 
 impl Default for SessionConfig {
@@ -355,6 +394,12 @@ impl Default for SessionConfig {
             client_idle_timeout: Duration::from_secs(60),
             max_held_errors: 16,
             pump_channel: 64,
+            idle_timeout: Duration::from_secs(60 * 60),
+            first_message_timeout: Duration::from_secs(30),
+            preempt_policy: PreemptPolicy::Preempt,
+            queue_depth: 1,
+            cancel_grace: Duration::from_secs(2),
+            admission_timeout: Duration::from_secs(30),
         }
     }
 }

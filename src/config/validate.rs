@@ -93,6 +93,7 @@ fn check_upstream(cfg: &Config, c: &mut Checker<'_>) {
         ("pong_timeout", u.pong_timeout),
         ("dial_timeout", u.dial_timeout),
         ("stream_idle_timeout", u.stream_idle_timeout),
+        ("max_age", u.max_age),
     ] {
         if value.is_zero() {
             c.error(format!("upstream.{name}"), "must be greater than zero");
@@ -140,6 +141,10 @@ fn check_session(cfg: &Config, c: &mut Checker<'_>) {
     for (name, value) in [
         ("client_ping_interval", s.client_ping_interval),
         ("client_idle_timeout", s.client_idle_timeout),
+        ("idle_timeout", s.idle_timeout),
+        ("first_message_timeout", s.first_message_timeout),
+        ("cancel_grace", s.cancel_grace),
+        ("admission_timeout", s.admission_timeout),
     ] {
         if value.is_zero() {
             c.error(format!("session.{name}"), "must be greater than zero");
@@ -302,6 +307,9 @@ fn check_accounts(accounts: &mut [AccountConfig], c: &mut Checker<'_>) {
             account.resolved_api_key = secret;
         }
         check_models(&account.models, &base, c);
+        if account.concurrency < 1 {
+            c.error(format!("{base}.concurrency"), "must be at least 1");
+        }
         if account.max_conns < 1 {
             c.error(format!("{base}.max_conns"), "must be at least 1");
         }

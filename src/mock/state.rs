@@ -70,6 +70,10 @@ pub struct MockLog {
     pub stream_ends: Vec<StreamEnd>,
     /// Connections whose client went away (Close frame, EOF or error), by number.
     pub client_closes: Vec<u64>,
+    /// Close frames the clients sent: connection number and close code (None: no code), in
+    /// the order they arrived. A client that just drops its socket leaves none (TP-4 tests
+    /// tell a polite close from an abort by it).
+    pub client_close_frames: Vec<(u64, Option<u16>)>,
     /// WebSocket pings received, by connection number (connections that sent none are absent).
     pub pings: HashMap<u64, u64>,
     /// WebSocket connections open right now: counted from the upgrade until the connection's

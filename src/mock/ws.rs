@@ -78,7 +78,11 @@ pub async fn serve_socket(
             let text = match msg {
                 Message::Text(t) => t.to_string(),
                 Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
-                Message::Close(_) => break,
+                Message::Close(f) => {
+                    let code = f.map(|f| f.code);
+                    reader_state.with_log(|l| l.client_close_frames.push((id, code)));
+                    break;
+                }
                 Message::Ping(_) => {
                     reader_state.count_ping(id);
                     continue;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::session::transcript::TranscriptBudget;
+use crate::state::{MemoryStore, StateStore};
 use crate::upstream::{ConnSettings, Pool};
 use crate::usage::prices::Prices;
 use crate::usage::Recorder;
@@ -32,6 +33,8 @@ pub struct App {
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
     pub usage: Arc<Recorder>,
+    /// Shared state (SC-7); the `memory` backend until Redis arrives.
+    pub state: Arc<dyn StateStore>,
     pub next_session: AtomicU64,
     /// This process's name in usage records' session ids, so they stay unique across restarts.
     pub instance: String,
@@ -146,8 +149,14 @@ impl App {
             pong_timeout: u.pong_timeout,
             dial_timeout: u.dial_timeout,
             max_message_bytes: usize::try_from(u.max_message_bytes).unwrap_or(usize::MAX),
+            max_age: u.max_age,
+            min_idle: u.min_idle,
         };
         let pool = Pool::new(settings);
+        // UP-7: warm contexts in the background until shutdown.
+        let shutdown = CancellationToken::new();
+        pool.set_accounts(&cfg.accounts);
+        pool.start_maintenance(shutdown.clone());
         let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
         let budget = Arc::new(TranscriptBudget::new(total));
         let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
@@ -157,9 +166,10 @@ impl App {
             pool,
             budget,
             usage,
+            state: Arc::new(MemoryStore::default()),
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),
-            shutdown: CancellationToken::new(),
+            shutdown,
             sessions: TaskTracker::new(),
             flush_stop: CancellationToken::new(),
         }))

@@ -80,6 +80,7 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
         id,
         tag: format!("{}-{id}", app.instance),
         usage: app.usage.clone(),
+        state: app.state.clone(),
         shutdown: app.shutdown.clone(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);

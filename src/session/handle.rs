@@ -10,7 +10,6 @@ use crate::error::{RelayError, Side};
 use crate::protocol::client::{self, ClientFrame, CreateRequest};
 use crate::scheduler;
 use crate::telemetry::metric;
-use crate::upstream::UpEnd;
 
 impl Session {
     pub(super) async fn handle(&mut self, wake: Wake) -> Step {
@@ -31,6 +30,7 @@ impl Session {
                 self.shutting_down = true;
                 Step::Close(1012, "server shutting down")
             }
+            Wake::Idle => self.on_idle(),
         }
     }
 
@@ -41,6 +41,9 @@ impl Session {
             None => return Step::Gone,
         };
         self.last_heard = tokio::time::Instant::now();
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            self.first_frame = true;
+        }
         match msg {
             Message::Text(t) => self.on_text(t.as_str()).await,
             Message::Binary(b) => match std::str::from_utf8(&b) {
@@ -63,10 +66,7 @@ impl Session {
                 self.turns += 1;
                 let read = Read::now(self.turns);
                 if self.turn.is_some() {
-                    // Interim policy until preemption lands: a request during a turn is `reject`.
-                    let e = RelayError::new(Side::Client, 409, "invalid_request_error", "response_in_progress")
-                        .message("A response is already in progress on this socket; send the next request after its terminal event.");
-                    return self.refuse_create(&read, req.model(), e);
+                    return self.on_create_during_turn(req, read).await;
                 }
                 self.start_turn(req, read).await
             }
@@ -74,7 +74,12 @@ impl Session {
     }
 
     /// Refuses a `response.create`: its usage record says `rejected` (US-1).
-    fn refuse_create(&mut self, read: &Read, model: Option<&str>, e: RelayError) -> Step {
+    pub(super) fn refuse_create(
+        &mut self,
+        read: &Read,
+        model: Option<&str>,
+        e: RelayError,
+    ) -> Step {
         self.record_refused(read, model, &e);
         self.refuse(e)
     }
@@ -93,7 +98,8 @@ impl Session {
         Step::Go
     }
 
-    async fn start_turn(&mut self, req: CreateRequest, read: Read) -> Step {
+    pub(super) async fn start_turn(&mut self, req: CreateRequest, read: Read) -> Step {
+        self.last_request = tokio::time::Instant::now();
         let Some(model) = req
             .model()
             .map(str::to_string)
@@ -158,15 +164,12 @@ impl Session {
         if self
             .upstream
             .as_ref()
-            .is_some_and(|u| u.account_id() != account.id || !u.is_open())
+            .is_some_and(|u| u.account_id() != account.id || !u.begin_turn())
         {
             self.upstream = None;
         }
-        if self.upstream.is_some() {
-            return self.write_request().await;
-        }
-        self.lease(account);
-        Step::Go
+        let reuse = self.upstream.is_some();
+        self.admit(account, reuse).await
     }
 
     fn on_ping(&mut self) -> Step {
@@ -178,25 +181,23 @@ impl Session {
     }
 
     pub(super) async fn end(mut self, step: Step) {
+        let (status, class, side) = if self.shutting_down {
+            (TurnStatus::Shutdown, "shutting_down", Side::Internal)
+        } else {
+            (
+                TurnStatus::ClientCancelled,
+                "client_disconnected",
+                Side::Client,
+            )
+        };
         if let Some(mut turn) = self.turn.take() {
-            // TP-4 (interim): the client left mid-turn; its upstream connection is closed at
-            // once (there is no cancel event) and the context is redialed on demand.
-            if let Some(up) = self.upstream.take() {
-                up.break_connection(UpEnd::Abandoned);
-            }
-            if let Some(d) = self.dialing.take() {
-                d.abort();
-            }
-            let end = if self.shutting_down {
-                Ending::quiet(TurnStatus::Shutdown, "shutting_down", Side::Internal)
-            } else {
-                Ending::quiet(
-                    TurnStatus::ClientCancelled,
-                    "client_disconnected",
-                    Side::Client,
-                )
-            };
-            self.record_turn(&mut turn, end);
+            // TP-4: the client left mid-turn; its upstream connection is closed at once (there
+            // is no cancel event) and the context is redialed on demand.
+            self.cut_upstream();
+            self.record_turn(&mut turn, Ending::quiet(status, class, side));
+        }
+        for (req, read) in std::mem::take(&mut self.queued) {
+            self.record_unstarted(&read, req.model(), status, class, side);
         }
         self.upstream = None;
         match step {

@@ -4,8 +4,10 @@
 //! disconnect or a new request is seen at once (TP-3) and a slow client only slows the upstream
 //! read (TP-2).
 
+mod admit;
 mod handle;
 pub mod outbox;
+mod policy;
 mod pump;
 mod record;
 pub mod transcript;
@@ -23,12 +25,16 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::RelayError;
+use crate::protocol::client::CreateRequest;
+use crate::state::StateStore;
 use crate::telemetry::metric;
 use crate::upstream::conn::sleep_until;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
 use crate::usage::Recorder;
 
-use outbox::Outbox;
+use admit::Admitted;
+use outbox::{Out, Outbox};
+use record::Read;
 use transcript::{Transcript, TranscriptBudget};
 use turn::Turn;
 
@@ -43,6 +49,7 @@ pub struct SessionParams {
     /// The session's name in usage records, unique across restarts.
     pub tag: String,
     pub usage: Arc<Recorder>,
+    pub state: Arc<dyn StateStore>,
     /// Cancelled when the relay shuts down: the socket closes with 1012.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -50,13 +57,16 @@ pub struct SessionParams {
 /// Whatever woke the session loop.
 enum Wake {
     Client(Option<Result<Message, tungstenite::Error>>),
-    Room(Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>>),
-    Dialed(Result<Result<Lease, RelayError>, tokio::task::JoinError>),
+    Room(Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>>),
+    Dialed(Result<Result<Admitted, RelayError>, tokio::task::JoinError>),
     Upstream(Option<UpFrame>),
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
     Silence,
     Ping,
     Shutdown,
+    /// No first frame within `session.first_message_timeout`, or no request within
+    /// `session.idle_timeout` (WS-8).
+    Idle,
 }
 
 /// What the loop does next.
@@ -74,12 +84,21 @@ struct Session {
     last_model: Option<String>,
     last_response_id: Option<String>,
     upstream: Option<Lease>,
-    dialing: Option<tokio::task::JoinHandle<Result<Lease, RelayError>>>,
+    /// The running turn's admission (slot, context) while it waits or dials.
+    dialing: Option<tokio::task::JoinHandle<Result<Admitted, RelayError>>>,
+    /// The session's context while its turn waits for a slot.
+    waiting_lease: Option<Lease>,
+    /// Requests waiting behind the running turn (TP-5 `queue`).
+    queued: std::collections::VecDeque<(CreateRequest, Read)>,
     turn: Option<Turn>,
     /// Errors for frames that arrived during the running turn, sent after its terminal (§3).
     held: Vec<RelayError>,
     turns: u64,
     last_heard: Instant,
+    /// Whether the client sent any frame yet (WS-8's first-message timeout).
+    first_frame: bool,
+    /// When the last request was read or the last turn ended (WS-8's idle timeout).
+    last_request: Instant,
     /// When the running turn's upstream counts as silent (CT-9), while the relay waits on it.
     silent_at: Option<Instant>,
     /// Every item of the conversation so far, for replays (CT-2); `None` when it is not
@@ -117,10 +136,14 @@ where
         last_response_id: None,
         upstream: None,
         dialing: None,
+        waiting_lease: None,
+        queued: std::collections::VecDeque::new(),
         turn: None,
         held: Vec::new(),
         turns: 0,
         last_heard: Instant::now(),
+        first_frame: false,
+        last_request: Instant::now(),
         silent_at: None,
         transcript: Some(Transcript::default()),
         upstream_turn_state: None,
@@ -128,6 +151,7 @@ where
     };
     let shutdown = s.p.shutdown.clone();
     let end = loop {
+        let idle_at = s.idle_at();
         let wake = tokio::select! {
             m = stream.next() => Wake::Client(m),
             r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
@@ -136,10 +160,14 @@ where
             _ = sleep_until(s.silent_at), if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick() => Wake::Ping,
             _ = shutdown.cancelled() => Wake::Shutdown,
+            _ = sleep_until(idle_at), if s.turn.is_none() => Wake::Idle,
         };
-        match s.handle(wake).await {
-            Step::Go => {}
-            other => break other,
+        let step = match s.handle(wake).await {
+            Step::Go => s.next_queued().await,
+            other => other,
+        };
+        if !matches!(step, Step::Go) {
+            break step;
         }
     };
     let (budget, id) = (s.p.budget.clone(), s.p.id);
@@ -148,13 +176,13 @@ where
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
 }
 
-async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>> {
+async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>> {
     out.sender().reserve_owned().await
 }
 
 async fn dial_done(
-    dialing: &mut Option<tokio::task::JoinHandle<Result<Lease, RelayError>>>,
-) -> Result<Result<Lease, RelayError>, tokio::task::JoinError> {
+    dialing: &mut Option<tokio::task::JoinHandle<Result<Admitted, RelayError>>>,
+) -> Result<Result<Admitted, RelayError>, tokio::task::JoinError> {
     match dialing {
         Some(handle) => handle.await,
         None => std::future::pending().await,

@@ -2,6 +2,8 @@
 //! has room, so the session loop never blocks on a slow client and keeps reading it (TP-3).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use futures::{Sink, SinkExt};
 use tokio::sync::mpsc;
@@ -11,10 +13,19 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::tuning;
 
+/// A frame and the turn whose upstream event it is (0: a frame of the relay's own).
+pub struct Out {
+    turn: u64,
+    msg: Message,
+}
+
 /// Frames on their way to the client.
 pub struct Outbox {
-    tx: mpsc::Sender<Message>,
-    pending: VecDeque<Message>,
+    tx: mpsc::Sender<Out>,
+    pending: VecDeque<Out>,
+    /// The turn whose events must no longer reach the client (TP-5's preempted turn); the
+    /// writer skips them even when they are already in its channel.
+    cut: Arc<AtomicU64>,
     writer: tokio::task::JoinHandle<()>,
 }
 
@@ -25,17 +36,35 @@ impl Outbox {
         S: Sink<Message> + Unpin + Send + 'static,
     {
         let (tx, rx) = mpsc::channel(depth.max(1));
-        let writer = tokio::spawn(write_loop(sink, rx));
+        let cut = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(write_loop(sink, rx, cut.clone()));
         Outbox {
             tx,
             pending: VecDeque::new(),
+            cut,
             writer,
         }
     }
 
+    /// Queues a frame of the relay's own.
+    pub fn push(&mut self, m: Message) {
+        self.push_out(Out { turn: 0, msg: m });
+    }
+
+    /// Queues an upstream event of turn `turn`.
+    pub fn push_event(&mut self, turn: u64, m: Message) {
+        self.push_out(Out { turn, msg: m });
+    }
+
+    /// Drops every frame of `turn` not yet written, wherever it waits.
+    pub fn discard_turn(&mut self, turn: u64) {
+        self.cut.store(turn, Ordering::Relaxed);
+        self.pending.retain(|o| o.turn != turn);
+    }
+
     /// Queues a frame; straight into the writer's channel when nothing waits before it and
     /// there is room (the common case, one step per event).
-    pub fn push(&mut self, m: Message) {
+    fn push_out(&mut self, m: Out) {
         if !self.pending.is_empty() {
             self.pending.push_back(m);
             return;
@@ -57,12 +86,12 @@ impl Outbox {
     }
 
     /// A sender for waiting on room in the writer's channel from a `select!`.
-    pub fn sender(&self) -> mpsc::Sender<Message> {
+    pub fn sender(&self) -> mpsc::Sender<Out> {
         self.tx.clone()
     }
 
     /// Hands the oldest pending frame to the writer through a reserved slot.
-    pub fn send_with(&mut self, permit: mpsc::OwnedPermit<Message>) {
+    pub fn send_with(&mut self, permit: mpsc::OwnedPermit<Out>) {
         if let Some(m) = self.pending.pop_front() {
             permit.send(m);
         }
@@ -74,7 +103,10 @@ impl Outbox {
             code: CloseCode::from(code),
             reason: reason.to_string().into(),
         };
-        self.pending.push_back(Message::Close(Some(frame)));
+        self.pending.push_back(Out {
+            turn: 0,
+            msg: Message::Close(Some(frame)),
+        });
         self.finish().await;
     }
 
@@ -100,24 +132,22 @@ impl Outbox {
 
 /// Writes frames as they come, flushing whenever the channel is momentarily empty (TP-2's
 /// batching); ends on a write error or after a Close frame.
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Message>)
+async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Out>, cut: Arc<AtomicU64>)
 where
     S: Sink<Message> + Unpin,
 {
     while let Some(first) = rx.recv().await {
-        let mut closing = matches!(first, Message::Close(_));
-        if sink.feed(first).await.is_err() {
-            return;
-        }
-        while !closing {
-            match rx.try_recv() {
-                Ok(m) => {
-                    closing = matches!(m, Message::Close(_));
-                    if sink.feed(m).await.is_err() {
-                        return;
-                    }
+        let mut closing = false;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            if out.turn == 0 || out.turn != cut.load(Ordering::Relaxed) {
+                closing = matches!(out.msg, Message::Close(_));
+                if sink.feed(out.msg).await.is_err() {
+                    return;
                 }
-                Err(_) => break,
+            }
+            if !closing {
+                next = rx.try_recv().ok();
             }
         }
         if sink.flush().await.is_err() || closing {

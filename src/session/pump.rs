@@ -8,51 +8,13 @@ use super::record::Ending;
 use super::transcript::{replay_body, Transcript};
 use super::turn::{terminal_outcome, Outcome, TurnStatus};
 use super::{Session, Step};
-use crate::config::AccountConfig;
-use crate::error::{RelayError, Retry, Side};
+use crate::error::{RelayError, Side};
 use crate::protocol::classify::{classify_error_event, ErrorClass};
 use crate::protocol::peek::{self, EventClass};
 use crate::telemetry::metric;
-use crate::upstream::{Lease, UpEnd, UpFrame};
+use crate::upstream::{UpEnd, UpFrame};
 
 impl Session {
-    /// Leases a context of `account` in the background (a dial when none is open).
-    pub(super) fn lease(&mut self, account: AccountConfig) {
-        let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
-        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
-        self.dialing = Some(tokio::spawn(async move {
-            pool.lease(&account, session, &identity, depth).await
-        }));
-    }
-
-    pub(super) async fn on_dialed(
-        &mut self,
-        r: Result<Result<Lease, RelayError>, tokio::task::JoinError>,
-    ) -> Step {
-        self.dialing = None;
-        match r {
-            Ok(Ok(lease)) => {
-                if let Some(ts) = lease.turn_state() {
-                    self.upstream_turn_state = Some(ts);
-                }
-                self.upstream = Some(lease);
-                self.write_request().await
-            }
-            // CT-9: a failed dial or handshake at turn start is retried like a lost upstream.
-            Ok(Err(e)) if e.retry == Retry::BeforeOutput => self.retry_or_fail(e),
-            // A refusal of the relay's own (no capacity) goes to the client as it is.
-            Ok(Err(e)) => {
-                self.out.push_json(&e.ws_frame());
-                self.end_turn(Ending::by_error(TurnStatus::Rejected, &e));
-                Step::Go
-            }
-            Err(e) => self.fail_turn(
-                RelayError::new(Side::Internal, 500, "server_error", "internal_error")
-                    .message(format!("lease task failed: {e}")),
-            ),
-        }
-    }
-
     /// Sends the turn's request: as the client sent it when the context holds the response it
     /// chains from (CT-1), else the transcript and the new items without
     /// `previous_response_id` (CT-2); without a transcript that is CT-3's 400 (CT-6).
@@ -157,7 +119,7 @@ impl Session {
         let outcome = class
             .is_terminal()
             .then(|| terminal_outcome(class, text.as_str()));
-        self.out.push(Message::Text(text));
+        self.out.push_event(turn.seq, Message::Text(text));
         if let Some(o) = outcome {
             self.finish_turn(o);
         }
@@ -166,7 +128,11 @@ impl Session {
 
     /// The upstream connection is gone (close, EOF, missing pong, oversized event).
     fn upstream_ended(&mut self, end: UpEnd) -> Step {
-        self.upstream = None;
+        // The connection's task tells the lease before the pool hears its verdict: say it to
+        // the pool now, so a retry cannot lease the same dead connection.
+        if let Some(up) = self.upstream.take() {
+            up.break_connection(end.clone());
+        }
         if self.turn.is_none() {
             tracing::debug!(?end, "idle upstream connection ended");
             return Step::Go;
@@ -191,7 +157,7 @@ impl Session {
 
     /// CT-9: before any output reached the client and within `upstream.retry_budget`, the turn
     /// goes again on a fresh context (with the transcript when it chained); otherwise 502.
-    fn retry_or_fail(&mut self, e: RelayError) -> Step {
+    pub(super) fn retry_or_fail(&mut self, e: RelayError) -> Step {
         let Some(turn) = self.turn.as_mut() else {
             return Step::Go;
         };
@@ -277,6 +243,11 @@ impl Session {
             return;
         };
         self.silent_at = None;
+        self.last_request = tokio::time::Instant::now();
+        if let Some(up) = self.upstream.as_ref() {
+            // Parked between turns: still ours, but another session may take it (UP-6).
+            up.end_turn();
+        }
         match end.status {
             TurnStatus::Completed | TurnStatus::Incomplete => {
                 self.last_response_id = end.response_id.clone();
@@ -299,7 +270,7 @@ impl Session {
 
     /// The client's identity for a dial, with the upstream's `x-codex-turn-state` from an
     /// earlier dial unless the client sent its own (WS-7).
-    fn identity_for_dial(&self) -> crate::upstream::Identity {
+    pub(super) fn identity_for_dial(&self) -> crate::upstream::Identity {
         let mut id = self.p.identity.clone();
         if let Some(ts) = self.upstream_turn_state.as_ref() {
             if id.get("x-codex-turn-state").is_none() {

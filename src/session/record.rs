@@ -110,7 +110,20 @@ impl Session {
 
     /// The record of a `response.create` the relay refused before it became a turn.
     pub(super) fn record_refused(&self, read: &Read, model: Option<&str>, e: &RelayError) {
-        metrics::counter!(metric::TURNS, "status" => TurnStatus::Rejected.as_str(), "transport" => "none")
+        self.record_unstarted(read, model, TurnStatus::Rejected, &e.code, e.side);
+    }
+
+    /// The record of a `response.create` that never became a turn: refused, or still queued
+    /// when its socket closed.
+    pub(super) fn record_unstarted(
+        &self,
+        read: &Read,
+        model: Option<&str>,
+        status: TurnStatus,
+        class: &str,
+        side: Side,
+    ) {
+        metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => "none")
             .increment(1);
         let total = read.at.elapsed().as_secs_f64() * 1000.0;
         self.p.usage.record(Record {
@@ -124,7 +137,7 @@ impl Session {
             model: model.map(str::to_string),
             transport: "none".into(),
             warm_up: false,
-            status: TurnStatus::Rejected,
+            status,
             tokens: Tokens::default(),
             cost_usd: Some(0.0),
             estimated: false,
@@ -133,8 +146,8 @@ impl Session {
                 total: Some(total),
                 ..TimingsMs::default()
             },
-            error_class: Some(e.code.clone()),
-            error_side: Some(e.side.as_str().to_string()),
+            error_class: Some(class.to_string()),
+            error_side: Some(side.as_str().to_string()),
         });
     }
 }

@@ -47,6 +47,8 @@ pub struct Turn {
     streamed_bytes: u64,
     /// Estimated usage of attempts abandoned by a retry (US-3).
     abandoned: Tokens,
+    /// The account's turn slot (SC-3), released when the turn ends.
+    pub slot: Option<crate::state::Slot>,
 }
 
 /// What a turn starts from.
@@ -92,11 +94,17 @@ impl Turn {
             sent_bytes: 0,
             streamed_bytes: 0,
             abandoned: Tokens::default(),
+            slot: None,
         }
     }
 
     fn since_start(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// TP-8: the turn got its slot after waiting for one.
+    pub fn mark_admitted(&mut self) {
+        self.timings.admission_wait = Some(self.since_start());
     }
 
     /// Notes that an attempt wrote `bytes` of request upstream.

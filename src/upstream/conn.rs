@@ -5,6 +5,7 @@
 //! leased, and gives up on a missing pong (UP-4). However it ends, it reports one verdict
 //! carrying its generation (UP-2), so the pool can ignore news about an older connection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -55,6 +57,8 @@ pub enum UpEnd {
     Silent,
     /// The relay closed it because the client left mid-turn (never the account's fault).
     Abandoned,
+    /// The relay replaced it between turns: it reached `upstream.max_age` (UP-5).
+    MaxAge,
 }
 
 impl UpEnd {
@@ -68,6 +72,7 @@ impl UpEnd {
             UpEnd::NoPong => "upstream did not answer a ping within upstream.pong_timeout".into(),
             UpEnd::Silent => "no upstream event within upstream.stream_idle_timeout".into(),
             UpEnd::Abandoned => "closed by the relay: the client left mid-turn".into(),
+            UpEnd::MaxAge => "closed by the relay: older than upstream.max_age".into(),
         }
     }
 }
@@ -79,6 +84,35 @@ pub struct ConnSettings {
     pub pong_timeout: Duration,
     pub dial_timeout: Duration,
     pub max_message_bytes: usize,
+    /// Older connections are replaced between turns (UP-5).
+    pub max_age: Duration,
+    /// Warm contexts no session holds, kept per account (UP-7).
+    pub min_idle: usize,
+}
+
+/// How many connection tasks of one pool are running, for leak checks: a task counts from its
+/// spawn until its future is gone (ended or aborted).
+#[derive(Debug, Clone, Default)]
+pub struct TaskCount(Arc<AtomicUsize>);
+
+impl TaskCount {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn enter(&self) -> TaskGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        TaskGuard(self.0.clone())
+    }
+}
+
+/// Lives inside a connection task's future, so an abort counts the task out as well.
+struct TaskGuard(Arc<AtomicUsize>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where the connection task sends events: the current lease's channel, or nowhere.
@@ -87,11 +121,44 @@ pub type Route = Arc<Mutex<Option<mpsc::Sender<UpFrame>>>>;
 /// An open connection as the pool holds it.
 pub struct Live {
     pub generation: u64,
+    /// When the handshake completed; the age UP-5 measures.
+    pub opened: Instant,
     /// `x-codex-turn-state` from the handshake response, if the upstream sent one (WS-7).
     pub turn_state: Option<HeaderValue>,
     pub sink: Arc<tokio::sync::Mutex<WsSink>>,
     pub route: Route,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Live {
+    /// Whether the connection's task has already ended (the peer left right after the dial).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Closes the connection politely without making the caller wait (TP-4, UP-5): a Close
+    /// frame (1000) goes out at once, and the socket is dropped when the peer answers it or
+    /// `grace` has passed, whichever comes first. Nothing more reaches a lease.
+    pub fn close(mut self, grace: Duration) {
+        *self.route.lock() = None;
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime to wait in: dropping closes at once
+        };
+        rt.spawn(async move {
+            let deadline = Instant::now() + grace;
+            let sink = self.sink.clone();
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            let send = async move { sink.lock().await.send(Message::Close(Some(frame))).await };
+            if let Ok(Err(e)) = tokio::time::timeout_at(deadline, send).await {
+                tracing::debug!(error = %e, "close frame not sent");
+            }
+            // The task ends when the peer answers the close (or the socket fails).
+            let _ = tokio::time::timeout_at(deadline, &mut self.task).await;
+        });
+    }
 }
 
 impl Drop for Live {
@@ -108,6 +175,7 @@ pub async fn open(
     identity: &Identity,
     settings: &ConnSettings,
     generation: u64,
+    tasks: &TaskCount,
     verdict: impl FnOnce(u64, UpEnd) + Send + 'static,
 ) -> Result<Live, RelayError> {
     let request = dial_request(account, identity)?;
@@ -136,12 +204,25 @@ pub async fn open(
         route: route.clone(),
         settings: settings.clone(),
     };
+    let counted = tasks.enter();
     let task = tokio::spawn(async move {
+        let _counted = counted;
+        let mut task = task;
         let end = task.run().await;
-        verdict(generation, end);
+        // The pool hears first, so no one leases this dead connection after its holder learns
+        // it is gone; the holder is then told in the background (its channel may be full, and
+        // the verdict may abort this task at its next await).
+        let holder = task.route.lock().clone();
+        verdict(generation, end.clone());
+        if let Some(tx) = holder {
+            tokio::spawn(async move {
+                let _ = tx.send(UpFrame::Ended(end)).await;
+            });
+        }
     });
     Ok(Live {
         generation,
+        opened: Instant::now(),
         turn_state,
         sink,
         route,
@@ -212,7 +293,7 @@ struct ConnTask {
 type Held = (mpsc::Sender<UpFrame>, UpFrame);
 
 impl ConnTask {
-    async fn run(mut self) -> UpEnd {
+    async fn run(&mut self) -> UpEnd {
         let every = self.settings.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,7 +335,6 @@ impl ConnTask {
                 _ = sleep_until(pong_due), if pong_due.is_some() && held.is_none() => break UpEnd::NoPong,
             }
         };
-        self.finish(&end).await;
         end
     }
 
@@ -272,14 +352,6 @@ impl ConnTask {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(f)) => Some((tx.clone(), f)),
             Err(mpsc::error::TrySendError::Closed(_)) => None,
-        }
-    }
-
-    /// Tells the current lease how the connection ended.
-    async fn finish(&self, end: &UpEnd) {
-        let tx = self.route.lock().clone();
-        if let Some(tx) = tx {
-            let _ = tx.send(UpFrame::Ended(end.clone())).await;
         }
     }
 }

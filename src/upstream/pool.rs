@@ -1,24 +1,30 @@
 //! The upstream context pool (SPEC §7): per account up to `max_conns` contexts, each an
-//! upstream WebSocket that outlives the sessions using it. A session leases a context and keeps
-//! it across its turns (UP-1); when the session ends the context goes back idle, still open,
-//! and the next session reuses it instead of dialing.
+//! upstream WebSocket that outlives the sessions using it. A session leases a context at the
+//! start of a turn and keeps it across its turns (UP-1); between turns the context is *parked*
+//! with the session, and when the session ends it goes back idle, still open, so the next
+//! session reuses it instead of dialing.
+//!
+//! At `max_conns` a lease takes the least recently used context parked with another session
+//! (UP-6; that session's lease goes void and it continues via CT-2), and when every context is
+//! in a turn it waits until one frees up, up to its deadline (SC-3). A context is never taken
+//! during a turn.
 //!
 //! Every dial bumps the context's generation (UP-2). A verdict about a connection (it ended, a
 //! ping went unanswered, the session gave up on it) names the generation it is about, and only
-//! the current generation is acted on, so a late verdict never kills a fresh connection.
+//! the current generation is acted on, so a late verdict never kills a fresh connection. Every
+//! lease carries a token of its own, so a void lease can never touch the context it lost.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
-use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::conn::{self, ConnSettings, Live, UpEnd, UpFrame};
-use super::Identity;
+use super::conn::{self, ConnSettings, Live, TaskCount, UpEnd};
+pub use super::stats::{metric_names, ContextView, PoolCounts};
+use super::{Identity, Lease};
 use crate::config::AccountConfig;
 use crate::error::{RelayError, Side};
 use crate::telemetry::metric;
@@ -27,38 +33,69 @@ use crate::telemetry::metric;
 pub struct Context {
     pub id: u64,
     pub account_id: String,
-    st: Mutex<CtxState>,
+    pub(super) st: Mutex<CtxState>,
     /// Held while dialing, so concurrent dials for one context become one (UP-8).
     dialing: tokio::sync::Mutex<()>,
+    /// The account's wake-up for leases waiting for capacity (SC-3).
+    pub(super) freed: Arc<Notify>,
 }
 
-struct CtxState {
+/// Who holds a context: a session, through the lease with this token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub session: u64,
+    pub token: u64,
+}
+
+pub(super) struct CtxState {
     /// Generation of the newest dial (0: never dialed).
-    generation: u64,
-    live: Option<Live>,
-    leased_by: Option<u64>,
+    pub generation: u64,
+    pub live: Option<Live>,
+    pub holder: Option<Holder>,
+    /// A turn runs on it: it cannot be taken (UP-6).
+    pub in_turn: bool,
     /// The session that held it last (affinity for its next lease).
-    last_session: Option<u64>,
+    pub last_session: Option<u64>,
     /// The response the upstream connection's cache holds (CT-1).
-    holds: Option<String>,
-    idle_since: Instant,
+    pub holds: Option<String>,
+    /// Since when it is parked or idle (least recently used goes first).
+    pub idle_since: Instant,
+    /// A dial for it is under way.
+    pub dialing: bool,
+    /// The session whose identity the current connection was dialed with (None: a warm dial).
+    pub dialed_for: Option<u64>,
 }
 
-/// A context as tests and operators see it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ContextView {
-    pub id: u64,
-    pub account: String,
-    pub generation: u64,
-    pub open: bool,
-    pub leased_by: Option<u64>,
+impl CtxState {
+    pub(super) fn held_by(&self, token: u64) -> bool {
+        self.holder.is_some_and(|h| h.token == token)
+    }
+
+    /// The current connection, if it is of `generation`.
+    pub(super) fn live_of(&self, generation: u64) -> Option<&Live> {
+        self.live.as_ref().filter(|l| l.generation == generation)
+    }
+}
+
+/// The contexts of one account and the wake-up of its waiting leases.
+#[derive(Default)]
+pub(super) struct AccountContexts {
+    pub list: Vec<Arc<Context>>,
+    pub freed: Arc<Notify>,
 }
 
 /// All contexts of all accounts.
 pub struct Pool {
-    settings: ConnSettings,
-    accounts: Mutex<HashMap<String, Vec<Arc<Context>>>>,
+    pub(super) settings: ConnSettings,
+    pub(super) accounts: Mutex<HashMap<String, AccountContexts>>,
+    /// The accounts the background task keeps warm (UP-7).
+    pub(super) warm: Mutex<Vec<AccountConfig>>,
+    /// Wakes the background task early (a connection broke, a context was given back).
+    pub(super) maintain: Arc<Notify>,
     next_id: AtomicU64,
+    next_token: AtomicU64,
+    pub(super) waiting: AtomicUsize,
+    pub(super) tasks: TaskCount,
     me: Weak<Pool>,
 }
 
@@ -67,37 +104,45 @@ impl Pool {
         Arc::new_cyclic(|me| Pool {
             settings,
             accounts: Mutex::default(),
+            warm: Mutex::default(),
+            maintain: Arc::default(),
             next_id: AtomicU64::new(1),
+            next_token: AtomicU64::new(1),
+            waiting: AtomicUsize::new(0),
+            tasks: TaskCount::default(),
             me: me.clone(),
         })
     }
 
-    /// Leases a context of `account` for `session`: the session's own previous context if it is
-    /// idle, else any open idle one, else a closed idle one or a new one within `max_conns`
-    /// (dialed with the session's identity, WS-7). Events of the lease arrive in a channel of
-    /// `depth` frames.
+    /// Leases a context of `account` for a turn of `session` (the lease starts in a turn): the
+    /// session's own context, else an open one nobody holds, else a closed or new one within
+    /// `max_conns` (dialed with the session's identity, WS-7), else the least recently used one
+    /// parked with another session (UP-6), else it waits for one until `deadline` and then
+    /// answers 503 `no_capacity` (SC-3). Events arrive in a channel of `depth` frames.
     pub async fn lease(
         &self,
         account: &AccountConfig,
         session: u64,
         identity: &Identity,
         depth: usize,
+        deadline: Instant,
     ) -> Result<Lease, RelayError> {
-        let ctx = self.claim(account, session)?;
+        let (ctx, token) = self.claim_or_wait(account, session, deadline).await?;
         let mut guard = LeaseGuard {
             pool: self,
             ctx: ctx.clone(),
+            token,
             armed: true,
         };
-        let generation = self.ensure_open(&ctx, account, identity).await?;
+        let generation = self
+            .ensure_open(&ctx, account, identity, Some(session))
+            .await?;
         let (tx, events) = mpsc::channel(depth.max(1));
         let sink = {
-            let mut st = ctx.st.lock();
-            st.last_session = Some(session);
+            let st = ctx.st.lock();
             let live = st
-                .live
-                .as_ref()
-                .filter(|l| l.generation == generation)
+                .live_of(generation)
+                .filter(|_| st.held_by(token))
                 .ok_or_else(|| {
                     RelayError::upstream_lost("upstream connection ended before its first use")
                 })?;
@@ -109,96 +154,142 @@ impl Pool {
             .me
             .upgrade()
             .ok_or_else(|| RelayError::upstream_lost("pool stopped"))?;
-        Ok(Lease {
-            ctx,
-            generation,
-            events,
-            sink,
-            pool,
+        Ok(Lease::new(
+            ctx, generation, token, session, events, sink, pool,
+        ))
+    }
+
+    /// Claims a context, waiting for one to free up until `deadline` (SC-3).
+    async fn claim_or_wait(
+        &self,
+        account: &AccountConfig,
+        session: u64,
+        deadline: Instant,
+    ) -> Result<(Arc<Context>, u64), RelayError> {
+        let freed = self.freed(&account.id);
+        let mut waiting = None;
+        loop {
+            let notified = freed.notified();
+            tokio::pin!(notified);
+            // Registered before the claim, so a context freed in between still wakes us.
+            notified.as_mut().enable();
+            if let Some(claimed) = self.claim(account, session) {
+                return Ok(claimed);
+            }
+            waiting.get_or_insert_with(|| WaitGuard::new(&self.waiting));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        metrics::counter!(metric_names::UPSTREAM_NO_CAPACITY, "account" => account.id.clone())
+            .increment(1);
+        Err(
+            RelayError::new(Side::Internal, 503, "server_error", "no_capacity").message(format!(
+                "All {} upstream connections of account {} stayed in use for session.admission_timeout.",
+                account.max_conns, account.id
+            )),
+        )
+    }
+
+    fn freed(&self, account_id: &str) -> Arc<Notify> {
+        let mut accounts = self.accounts.lock();
+        let entry = accounts.entry(account_id.to_string()).or_default();
+        entry.freed.clone()
+    }
+
+    /// Picks a context for `session` and marks it held and in a turn, with a fresh lease token;
+    /// `None` when every context of the account is in a turn.
+    pub(super) fn claim(
+        &self,
+        account: &AccountConfig,
+        session: u64,
+    ) -> Option<(Arc<Context>, u64)> {
+        let mut accounts = self.accounts.lock();
+        let entry = accounts.entry(account.id.clone()).or_default();
+        let ctx = match pick_free(&entry.list, session) {
+            Some(c) => c,
+            None if entry.list.len() < account.max_conns => {
+                let c = self.new_context(&account.id, &entry.freed);
+                entry.list.push(c.clone());
+                c
+            }
+            None => pick_to_take(&entry.list, session)?,
+        };
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        let mut st = ctx.st.lock();
+        if let Some(old) = st.holder.filter(|h| h.session != session) {
+            // UP-6: taken between the other session's turns; cold for the taker.
+            tracing::info!(ctx = ctx.id, from = old.session, to = session, account = %account.id, "parked context taken");
+            metrics::counter!(metric_names::UPSTREAM_TAKEN, "account" => account.id.clone())
+                .increment(1);
+            st.holds = None;
+        }
+        if let Some(live) = st.live.as_ref() {
+            // Whoever held it before gets nothing more.
+            *live.route.lock() = None;
+        }
+        st.holder = Some(Holder { session, token });
+        st.in_turn = true;
+        st.last_session = Some(session);
+        drop(st);
+        Some((ctx, token))
+    }
+
+    pub(super) fn new_context(&self, account_id: &str, freed: &Arc<Notify>) -> Arc<Context> {
+        Arc::new(Context {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            account_id: account_id.to_string(),
+            st: Mutex::new(CtxState {
+                generation: 0,
+                live: None,
+                holder: None,
+                in_turn: false,
+                last_session: None,
+                holds: None,
+                idle_since: Instant::now(),
+                dialing: false,
+                dialed_for: None,
+            }),
+            dialing: tokio::sync::Mutex::new(()),
+            freed: freed.clone(),
         })
     }
 
-    /// Picks and marks the context for a session, or refuses when the account is full.
-    fn claim(&self, account: &AccountConfig, session: u64) -> Result<Arc<Context>, RelayError> {
-        let mut accounts = self.accounts.lock();
-        let list = accounts.entry(account.id.clone()).or_default();
-        let idle = |c: &&Arc<Context>| c.st.lock().leased_by.is_none();
-        let open = |c: &&Arc<Context>| c.st.lock().live.is_some();
-        let mine = |c: &&Arc<Context>| c.st.lock().last_session == Some(session);
-        let pick = list
-            .iter()
-            .filter(idle)
-            .find(|c| mine(c) && open(c))
-            .or_else(|| {
-                list.iter()
-                    .filter(idle)
-                    .filter(open)
-                    .min_by_key(|c| c.st.lock().idle_since)
-            })
-            .or_else(|| list.iter().find(idle))
-            .cloned();
-        let ctx = match pick {
-            Some(c) => c,
-            None if list.len() < account.max_conns => {
-                let c = Arc::new(Context {
-                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                    account_id: account.id.clone(),
-                    st: Mutex::new(CtxState {
-                        generation: 0,
-                        live: None,
-                        leased_by: None,
-                        last_session: None,
-                        holds: None,
-                        idle_since: Instant::now(),
-                    }),
-                    dialing: tokio::sync::Mutex::new(()),
-                });
-                list.push(c.clone());
-                c
-            }
-            None => {
-                return Err(
-                    RelayError::new(Side::Internal, 503, "server_error", "no_capacity").message(
-                        format!(
-                            "All {} upstream connections of account {} are in use.",
-                            account.max_conns, account.id
-                        ),
-                    ),
-                )
-            }
-        };
-        ctx.st.lock().leased_by = Some(session);
-        Ok(ctx)
-    }
-
-    /// Makes sure the context has an open connection; returns its generation.
-    async fn ensure_open(
+    /// Makes sure the context has an open connection younger than `upstream.max_age` (UP-5);
+    /// returns its generation. `session` is whose identity a dial carries (None: warm, UP-7).
+    pub(super) async fn ensure_open(
         &self,
         ctx: &Arc<Context>,
         account: &AccountConfig,
         identity: &Identity,
+        session: Option<u64>,
     ) -> Result<u64, RelayError> {
         let _dialing = ctx.dialing.lock().await;
-        if let Some(live) = ctx.st.lock().live.as_ref() {
-            metrics::counter!(metric::UPSTREAM_REUSES, "account" => account.id.clone())
-                .increment(1);
-            return Ok(live.generation);
-        }
         let generation = {
             let mut st = ctx.st.lock();
+            if let Some(live) = st.live.as_ref() {
+                if live.opened.elapsed() < self.settings.max_age {
+                    metrics::counter!(metric::UPSTREAM_REUSES, "account" => account.id.clone())
+                        .increment(1);
+                    return Ok(live.generation);
+                }
+                self.retire(ctx, &mut st, &UpEnd::MaxAge);
+            }
             st.generation += 1;
             st.holds = None;
+            st.dialed_for = session;
             st.generation
         };
         metrics::counter!(metric::UPSTREAM_DIALS, "account" => account.id.clone()).increment(1);
-        let me = self.me.clone();
-        let ctx_id = ctx.id;
-        let account_id = account.id.clone();
+        let flag = DialFlag::new(ctx);
+        let (me, ctx_id, account_id) = (self.me.clone(), ctx.id, account.id.clone());
         let live = conn::open(
             account,
             identity,
             &self.settings,
             generation,
+            &self.tasks,
             move |generation, end| {
                 if let Some(pool) = me.upgrade() {
                     pool.verdict(&account_id, ctx_id, generation, &end);
@@ -206,7 +297,16 @@ impl Pool {
             },
         )
         .await?;
-        ctx.st.lock().live = Some(live);
+        let mut st = ctx.st.lock();
+        if live.is_finished() {
+            return Err(RelayError::upstream_lost(
+                "upstream connection ended right after its handshake",
+            ));
+        }
+        st.live = Some(live);
+        st.dialing = false;
+        drop(st);
+        flag.disarm();
         Ok(generation)
     }
 
@@ -216,9 +316,7 @@ impl Pool {
             return;
         };
         let mut st = ctx.st.lock();
-        if st.generation != generation
-            || st.live.as_ref().is_none_or(|l| l.generation != generation)
-        {
+        if st.generation != generation || st.live_of(generation).is_none() {
             tracing::debug!(
                 ctx = ctx_id,
                 generation,
@@ -227,53 +325,126 @@ impl Pool {
             );
             return;
         }
-        tracing::info!(ctx = ctx_id, generation, account = account_id, reason = %end.describe(), "upstream context broken");
+        self.close_locked(&ctx, &mut st, end);
+    }
+
+    /// Drops the context's connection at once (it is broken, or the session gave up on it).
+    pub(super) fn close_locked(&self, ctx: &Context, st: &mut CtxState, end: &UpEnd) {
+        tracing::info!(ctx = ctx.id, generation = st.generation, account = %ctx.account_id, reason = %end.describe(), "upstream context broken");
         metrics::counter!(metric::UPSTREAM_BROKEN, "reason" => end_reason(end)).increment(1);
         st.live = None;
         st.holds = None;
+        self.maintain.notify_one();
     }
 
-    fn release(&self, ctx: &Context, generation: u64) {
+    /// Takes the context's connection out and closes it politely in the background (a Close
+    /// frame, then the socket within `grace`); the context is redialed on demand.
+    pub(super) fn retire_with(
+        &self,
+        ctx: &Context,
+        st: &mut CtxState,
+        end: &UpEnd,
+        grace: std::time::Duration,
+    ) {
+        let Some(live) = st.live.take() else {
+            return;
+        };
+        tracing::info!(ctx = ctx.id, generation = live.generation, account = %ctx.account_id, reason = %end.describe(), "upstream context closed");
+        metrics::counter!(metric::UPSTREAM_BROKEN, "reason" => end_reason(end)).increment(1);
+        st.holds = None;
+        live.close(grace);
+        self.maintain.notify_one();
+    }
+
+    /// The relay's own replacement of a connection (UP-5). A peer answers a Close about as fast
+    /// as a ping, so the pong timeout bounds the wait.
+    pub(super) fn retire(&self, ctx: &Context, st: &mut CtxState, end: &UpEnd) {
+        self.retire_with(ctx, st, end, self.settings.pong_timeout);
+    }
+
+    /// Gives the context back if `token` still holds it: idle, open, and free for anyone.
+    pub(super) fn release(&self, ctx: &Context, token: u64) {
         let mut st = ctx.st.lock();
-        if let Some(live) = st.live.as_ref().filter(|l| l.generation == generation) {
+        if !st.held_by(token) {
+            return;
+        }
+        if let Some(live) = st.live.as_ref() {
             *live.route.lock() = None;
         }
-        st.leased_by = None;
+        st.holder = None;
+        st.in_turn = false;
         st.idle_since = Instant::now();
+        drop(st);
+        ctx.freed.notify_waiters();
+        self.maintain.notify_one();
     }
 
     fn find(&self, account_id: &str, ctx_id: u64) -> Option<Arc<Context>> {
         self.accounts
             .lock()
             .get(account_id)?
+            .list
             .iter()
             .find(|c| c.id == ctx_id)
             .cloned()
     }
 
-    /// Every context, for tests and the admin view.
-    pub fn snapshot(&self) -> Vec<ContextView> {
+    pub(super) fn all_contexts(&self) -> Vec<Arc<Context>> {
         let accounts = self.accounts.lock();
-        let mut out: Vec<ContextView> = accounts
+        accounts
             .values()
-            .flatten()
-            .map(|c| {
-                let st = c.st.lock();
-                ContextView {
-                    id: c.id,
-                    account: c.account_id.clone(),
-                    generation: st.generation,
-                    open: st.live.is_some(),
-                    leased_by: st.leased_by,
-                }
-            })
-            .collect();
-        out.sort_by_key(|v| v.id);
-        out
+            .flat_map(|a| a.list.iter().cloned())
+            .collect()
     }
 }
 
-fn end_reason(end: &UpEnd) -> &'static str {
+/// The best context free for `session`: its own open one, else the least recently used open
+/// one nobody holds, else a closed one nobody holds (its own first). A context parked with
+/// `session` itself counts as free for it.
+fn pick_free(list: &[Arc<Context>], session: u64) -> Option<Arc<Context>> {
+    let mut best: Option<((u8, Instant), &Arc<Context>)> = None;
+    for c in list {
+        let st = c.st.lock();
+        let free = match st.holder {
+            None => true,
+            Some(h) => h.session == session && !st.in_turn,
+        };
+        if !free {
+            continue;
+        }
+        let mine = st.last_session == Some(session);
+        let rank = match (st.live.is_some(), mine) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
+        let key = (rank, st.idle_since);
+        if best.as_ref().is_none_or(|(k, _)| key < *k) {
+            best = Some((key, c));
+        }
+    }
+    best.map(|(_, c)| c.clone())
+}
+
+/// UP-6: the context to take from another session between its turns: a closed one first (its
+/// session lost nothing), else the least recently used. Never one in a turn.
+fn pick_to_take(list: &[Arc<Context>], session: u64) -> Option<Arc<Context>> {
+    let mut best: Option<((bool, Instant), &Arc<Context>)> = None;
+    for c in list {
+        let st = c.st.lock();
+        if st.in_turn || st.holder.is_none_or(|h| h.session == session) {
+            continue;
+        }
+        let key = (st.live.is_some(), st.idle_since);
+        if best.as_ref().is_none_or(|(k, _)| key < *k) {
+            best = Some((key, c));
+        }
+    }
+    best.map(|(_, c)| c.clone())
+}
+
+pub(super) fn end_reason(end: &UpEnd) -> &'static str {
     match end {
         UpEnd::Closed { .. } => "closed",
         UpEnd::Io(_) => "io",
@@ -281,96 +452,70 @@ fn end_reason(end: &UpEnd) -> &'static str {
         UpEnd::NoPong => "no_pong",
         UpEnd::Silent => "stream_idle_timeout",
         UpEnd::Abandoned => "client_cancelled",
+        UpEnd::MaxAge => "max_age",
     }
 }
 
-/// Gives a claimed context back if leasing fails half-way.
+/// Gives a claimed context back if leasing fails half-way (or is cancelled).
 struct LeaseGuard<'a> {
     pool: &'a Pool,
     ctx: Arc<Context>,
+    token: u64,
     armed: bool,
 }
 
 impl Drop for LeaseGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let generation = self.ctx.st.lock().generation;
-            self.pool.release(&self.ctx, generation);
+            self.pool.release(&self.ctx, self.token);
         }
     }
 }
 
-/// A session's hold on a context. Dropping it returns the context to the pool, open.
-pub struct Lease {
-    pub ctx: Arc<Context>,
-    pub generation: u64,
-    pub events: mpsc::Receiver<UpFrame>,
-    sink: Arc<tokio::sync::Mutex<conn::WsSink>>,
-    pool: Arc<Pool>,
-}
+/// Marks a context as dialing for as long as the dial runs (even if it fails or is
+/// cancelled).
+struct DialFlag<'a>(Option<&'a Context>);
 
-impl Lease {
-    pub fn account_id(&self) -> &str {
-        &self.ctx.account_id
+impl<'a> DialFlag<'a> {
+    fn new(ctx: &'a Context) -> Self {
+        ctx.st.lock().dialing = true;
+        DialFlag(Some(ctx))
     }
 
-    /// Writes one request frame.
-    pub async fn send_text(&mut self, text: String) -> Result<(), RelayError> {
-        use futures::SinkExt;
-        self.sink
-            .lock()
-            .await
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|e| RelayError::upstream_lost(format!("upstream write failed: {e}")))
-    }
-
-    /// The response the upstream connection's cache holds, if the lease's connection is current.
-    pub fn holds(&self) -> Option<String> {
-        let st = self.ctx.st.lock();
-        (st.generation == self.generation)
-            .then(|| st.holds.clone())
-            .flatten()
-    }
-
-    pub fn set_holds(&self, id: Option<String>) {
-        let mut st = self.ctx.st.lock();
-        if st.generation == self.generation {
-            st.holds = id;
-        }
-    }
-
-    /// The upstream's `x-codex-turn-state` from this connection's handshake (WS-7).
-    pub fn turn_state(&self) -> Option<axum::http::HeaderValue> {
-        let st = self.ctx.st.lock();
-        st.live
-            .as_ref()
-            .filter(|l| l.generation == self.generation)
-            .and_then(|l| l.turn_state.clone())
-    }
-
-    /// Whether the lease's connection is still the context's open one.
-    pub fn is_open(&self) -> bool {
-        let st = self.ctx.st.lock();
-        st.live
-            .as_ref()
-            .is_some_and(|l| l.generation == self.generation)
-    }
-
-    /// Closes the lease's connection at once (a verdict of the session: silence, a client that
-    /// left mid-turn). The context stays and is redialed on demand.
-    pub fn break_connection(&self, end: UpEnd) {
-        self.pool
-            .verdict(&self.ctx.account_id, self.ctx.id, self.generation, &end);
+    /// The dial stored its connection (and cleared the flag under the same lock).
+    fn disarm(mut self) {
+        self.0 = None;
     }
 }
 
-impl Drop for Lease {
+impl Drop for DialFlag<'_> {
     fn drop(&mut self) {
-        self.pool.release(&self.ctx, self.generation);
+        if let Some(ctx) = self.0 {
+            ctx.st.lock().dialing = false;
+        }
+    }
+}
+
+/// Counts a lease as waiting for capacity while it does.
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl<'a> WaitGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        WaitGuard(n)
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 #[path = "pool_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "pool_turn_tests.rs"]
+mod turn_tests;

@@ -1,24 +1,31 @@
 //! The pool driven through its own API against the mock upstream: reuse, capacity, and the
-//! generation guard through its races (SPEC UP-1 … UP-4, UP-8).
+//! generation guard through its races (SPEC UP-1 … UP-4, UP-8). Turns, taking, waiting, max
+//! age, warm contexts and cancels are in `pool_turn_tests.rs`.
 
 use std::time::Duration;
 
 use super::*;
 use crate::config::AccountConfig;
 use crate::mock::{MockOptions, MockUpstream};
+use crate::upstream::UpFrame;
 
-const GUARD: Duration = Duration::from_secs(30);
+pub(super) const GUARD: Duration = Duration::from_secs(30);
 
-fn settings(ping: u64, pong: u64) -> ConnSettings {
+pub(super) fn settings(ping: u64, pong: u64) -> ConnSettings {
     ConnSettings {
         ping_interval: Duration::from_millis(ping),
         pong_timeout: Duration::from_millis(pong),
         dial_timeout: Duration::from_secs(5),
         max_message_bytes: 1 << 20,
+        max_age: Duration::from_secs(3600),
+        min_idle: 0,
     }
 }
 
-async fn setup(max_conns: usize, s: ConnSettings) -> (MockUpstream, Arc<Pool>, AccountConfig) {
+pub(super) async fn setup(
+    max_conns: usize,
+    s: ConnSettings,
+) -> (MockUpstream, Arc<Pool>, AccountConfig) {
     let mock = MockUpstream::start(MockOptions::default())
         .await
         .expect("mock");
@@ -27,13 +34,28 @@ async fn setup(max_conns: usize, s: ConnSettings) -> (MockUpstream, Arc<Pool>, A
     (mock, Pool::new(s), account)
 }
 
-async fn lease(pool: &Pool, account: &AccountConfig, session: u64) -> Result<Lease, RelayError> {
-    tokio::time::timeout(GUARD, pool.lease(account, session, &Identity::default(), 8))
+/// A lease that may wait for capacity up to the hang guard.
+pub(super) async fn lease(
+    pool: &Pool,
+    account: &AccountConfig,
+    session: u64,
+) -> Result<Lease, RelayError> {
+    lease_until(pool, account, session, Instant::now() + GUARD).await
+}
+
+pub(super) async fn lease_until(
+    pool: &Pool,
+    account: &AccountConfig,
+    session: u64,
+    deadline: Instant,
+) -> Result<Lease, RelayError> {
+    let id = Identity::default();
+    tokio::time::timeout(GUARD, pool.lease(account, session, &id, 8, deadline))
         .await
         .expect("hang guard")
 }
 
-async fn eventually(cond: impl Fn() -> bool) {
+pub(super) async fn eventually(cond: impl Fn() -> bool) {
     tokio::time::timeout(GUARD, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -44,9 +66,13 @@ async fn eventually(cond: impl Fn() -> bool) {
 }
 
 /// A turn through a lease: the request goes out, events come back to the terminal.
-async fn turn(l: &mut Lease) -> Vec<String> {
-    let req = r#"{"type":"response.create","model":"m","input":"hi [[mock:text 3]]"}"#;
-    l.send_text(req.into()).await.expect("send");
+pub(super) async fn turn(l: &mut Lease) -> Vec<String> {
+    turn_with(l, "hi [[mock:text 3]]").await
+}
+
+pub(super) async fn turn_with(l: &mut Lease, input: &str) -> Vec<String> {
+    let req = serde_json::json!({"type": "response.create", "model": "m", "input": input});
+    l.send_text(req.to_string()).await.expect("send");
     let mut types = Vec::new();
     loop {
         match tokio::time::timeout(GUARD, l.events.recv())
@@ -108,7 +134,11 @@ async fn up1_a_session_gets_its_own_context_back_and_others_get_new_ones() {
 async fn max_conns_bounds_the_contexts_of_an_account() {
     let (_mock, pool, account) = setup(1, settings(60_000, 5_000)).await;
     let held = lease(&pool, &account, 1).await.expect("lease");
-    let refused = lease(&pool, &account, 2).await.err().expect("refused");
+    let soon = Instant::now() + Duration::from_millis(50);
+    let refused = lease_until(&pool, &account, 2, soon)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(
         (refused.status, refused.code.as_str()),
         (503, "no_capacity")
@@ -240,11 +270,11 @@ async fn up4_a_missing_pong_on_a_leased_context_ends_the_lease_stream() {
 #[tokio::test]
 async fn up8_concurrent_dials_of_one_context_are_merged() {
     let (mock, pool, account) = setup(1, settings(60_000, 5_000)).await;
-    let ctx = pool.claim(&account, 1).expect("claim");
+    let (ctx, _token) = pool.claim(&account, 1).expect("claim");
     let id = Identity::default();
     let (a, b) = tokio::join!(
-        pool.ensure_open(&ctx, &account, &id),
-        pool.ensure_open(&ctx, &account, &id)
+        pool.ensure_open(&ctx, &account, &id, Some(1)),
+        pool.ensure_open(&ctx, &account, &id, None)
     );
     assert_eq!(
         a.expect("dial"),

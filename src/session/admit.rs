@@ -1,0 +1,172 @@
+//! Admission of a turn (SC-3): a turn slot of its account from the state store, then an
+//! upstream context from the pool. Either may have to wait up to `session.admission_timeout`;
+//! the waiting happens in a background task so the session keeps reading the client (TP-3) and
+//! a preemption or a disconnect cancels it (aborting the task gives back what it took).
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::record::Ending;
+use super::turn::TurnStatus;
+use super::{Session, Step};
+use crate::config::AccountConfig;
+use crate::error::{RelayError, Retry, Side};
+use crate::state::{self, Slot, StateStore};
+use crate::upstream::{Identity, Lease, Pool};
+
+/// What the admission task hands back.
+pub(super) struct Admitted {
+    /// The turn slot, when the task had to wait for one.
+    pub slot: Option<Slot>,
+    /// The leased context; none when the session's held one is used.
+    pub lease: Option<Lease>,
+}
+
+/// How long a turn slot is held at most without renewal (matters for shared backends only).
+const SLOT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Session {
+    /// Admits the running turn on `account`: a slot now if one is free, else in the
+    /// background; then the held context (`reuse`) or a leased one.
+    pub(super) async fn admit(&mut self, account: AccountConfig, reuse: bool) -> Step {
+        let scope = state::account_scope(&account.id);
+        let now = self
+            .p
+            .state
+            .try_acquire(&scope, account.concurrency, SLOT_TTL)
+            .await;
+        match now {
+            Ok(Some(id)) => {
+                let slot = Slot::new(self.p.state.clone(), scope, id);
+                if let Some(turn) = self.turn.as_mut() {
+                    turn.slot = Some(slot);
+                }
+                if reuse {
+                    return self.write_request().await;
+                }
+                self.lease(account);
+                Step::Go
+            }
+            Ok(None) => {
+                if reuse {
+                    // Waiting for a slot: the held context stays ours meanwhile.
+                    self.waiting_lease = self.upstream.take();
+                }
+                self.wait_for_slot(account, scope);
+                Step::Go
+            }
+            Err(e) => self.fail_turn(
+                RelayError::new(Side::Internal, 500, "server_error", "state_unavailable")
+                    .message(e.to_string()),
+            ),
+        }
+    }
+
+    /// Leases a context of `account` in the background (a dial when none is open); the turn
+    /// already holds its slot.
+    pub(super) fn lease(&mut self, account: AccountConfig) {
+        let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
+        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
+        let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
+        self.dialing = Some(tokio::spawn(async move {
+            let lease = lease_context(&pool, &account, session, &identity, depth, deadline).await?;
+            Ok(Admitted {
+                slot: None,
+                lease: Some(lease),
+            })
+        }));
+    }
+
+    fn wait_for_slot(&mut self, account: AccountConfig, scope: String) {
+        let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
+        let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
+        let store = self.p.state.clone();
+        let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
+        let held = self.waiting_lease.is_some();
+        self.dialing = Some(tokio::spawn(async move {
+            let slot = wait_slot(&store, &scope, &account, deadline).await?;
+            let lease = if held {
+                None
+            } else {
+                Some(lease_context(&pool, &account, session, &identity, depth, deadline).await?)
+            };
+            Ok(Admitted {
+                slot: Some(slot),
+                lease,
+            })
+        }));
+    }
+
+    pub(super) async fn on_dialed(
+        &mut self,
+        r: Result<Result<Admitted, RelayError>, tokio::task::JoinError>,
+    ) -> Step {
+        self.dialing = None;
+        let held = self.waiting_lease.take();
+        match r {
+            Ok(Ok(a)) => {
+                if let Some(turn) = self.turn.as_mut() {
+                    if a.slot.is_some() {
+                        turn.slot = a.slot;
+                        turn.mark_admitted();
+                    }
+                }
+                let lease = a.lease.or(held);
+                if let Some(ts) = lease.as_ref().and_then(Lease::turn_state) {
+                    self.upstream_turn_state = Some(ts);
+                }
+                self.upstream = lease;
+                self.write_request().await
+            }
+            // CT-9: a failed dial or handshake at turn start is retried like a lost upstream.
+            Ok(Err(e)) if e.retry == Retry::BeforeOutput => self.retry_or_fail(e),
+            // A refusal of the relay's own (no capacity) goes to the client as it is.
+            Ok(Err(e)) => {
+                self.upstream = held;
+                self.out.push_json(&e.ws_frame());
+                self.end_turn(Ending::by_error(TurnStatus::Rejected, &e));
+                Step::Go
+            }
+            Err(e) => self.fail_turn(
+                RelayError::new(Side::Internal, 500, "server_error", "internal_error")
+                    .message(format!("admission task failed: {e}")),
+            ),
+        }
+    }
+}
+
+async fn lease_context(
+    pool: &Arc<Pool>,
+    account: &AccountConfig,
+    session: u64,
+    identity: &Identity,
+    depth: usize,
+    deadline: Instant,
+) -> Result<Lease, RelayError> {
+    pool.lease(account, session, identity, depth, deadline)
+        .await
+}
+
+async fn wait_slot(
+    store: &Arc<dyn StateStore>,
+    scope: &str,
+    account: &AccountConfig,
+    deadline: Instant,
+) -> Result<Slot, RelayError> {
+    match state::acquire(store, scope, account.concurrency, SLOT_TTL, deadline).await {
+        Ok(Some(slot)) => Ok(slot),
+        Ok(None) => Err(no_capacity(account)),
+        Err(e) => Err(
+            RelayError::new(Side::Internal, 500, "server_error", "state_unavailable")
+                .message(e.to_string()),
+        ),
+    }
+}
+
+fn no_capacity(account: &AccountConfig) -> RelayError {
+    RelayError::new(Side::Internal, 503, "server_error", "no_capacity").message(format!(
+        "All {} turn slots of account {} stayed busy for session.admission_timeout.",
+        account.concurrency, account.id
+    ))
+}

@@ -1,0 +1,162 @@
+//! Shared state behind one interface (SC-7): what several relay instances must agree on lives
+//! in a [`StateStore`]. The `memory` backend keeps it in this process; a networked backend
+//! (Redis) implements the same trait, which is why every call is async and fallible.
+//!
+//! So far the store holds concurrency slots: per-account turn slots (SC-3). Later items add
+//! bindings, rate and spend counters, breaker state and admin overrides.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+
+pub use memory::MemoryStore;
+
+/// A slot taken from a scope; names it for `release`.
+pub type SlotId = u64;
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StateError(pub String);
+
+/// The interface every backend implements.
+pub trait StateStore: Send + Sync + 'static {
+    /// Takes one of `limit` slots of `scope`, held for `ttl` unless renewed or released;
+    /// `None` when all are taken.
+    fn try_acquire<'a>(
+        &'a self,
+        scope: &'a str,
+        limit: usize,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<SlotId>, StateError>>;
+
+    /// Gives a slot back. Never waits: a networked backend sends it in the background.
+    fn release(&self, scope: &str, slot: SlotId);
+
+    /// Slots of `scope` held now.
+    fn held<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<usize, StateError>>;
+
+    /// Resolves when a slot of `scope` may have been released: a hint, the caller re-checks.
+    fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()>;
+}
+
+/// How often a waiter re-checks a scope even without a release hint (a backend may not be
+/// able to tell every release, e.g. a lease that expired on another instance).
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// A held slot; released when dropped.
+pub struct Slot {
+    store: Arc<dyn StateStore>,
+    scope: String,
+    id: SlotId,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slot({} #{})", self.scope, self.id)
+    }
+}
+
+impl Slot {
+    /// Wraps a slot taken with `try_acquire`, so it is released when dropped.
+    pub fn new(store: Arc<dyn StateStore>, scope: String, id: SlotId) -> Slot {
+        Slot { store, scope, id }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.store.release(&self.scope, self.id);
+    }
+}
+
+/// Takes a slot of `scope`, waiting until `deadline` for one to free up; `None` at the
+/// deadline.
+pub async fn acquire(
+    store: &Arc<dyn StateStore>,
+    scope: &str,
+    limit: usize,
+    ttl: Duration,
+    deadline: Instant,
+) -> Result<Option<Slot>, StateError> {
+    loop {
+        // Listen before looking, so a release between the two is not missed.
+        let hint = store.released(scope);
+        if let Some(id) = store.try_acquire(scope, limit, ttl).await? {
+            return Ok(Some(Slot::new(store.clone(), scope.to_string(), id)));
+        }
+        let recheck = (Instant::now() + RECHECK).min(deadline);
+        tokio::select! {
+            _ = hint => {}
+            _ = tokio::time::sleep_until(recheck) => {}
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+    }
+}
+
+/// The scope of an account's turn slots (SC-3).
+pub fn account_scope(account_id: &str) -> String {
+    format!("account:{account_id}:turns")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Arc<dyn StateStore> {
+        Arc::new(MemoryStore::default())
+    }
+
+    #[tokio::test]
+    async fn sc3_slots_are_bounded_and_released_on_drop() {
+        let s = store();
+        let far = Instant::now() + Duration::from_secs(30);
+        let ttl = Duration::from_secs(30);
+        let a = acquire(&s, "x", 2, ttl, far).await.unwrap().expect("first");
+        let b = acquire(&s, "x", 2, ttl, far)
+            .await
+            .unwrap()
+            .expect("second");
+        assert_eq!(s.held("x").await.unwrap(), 2);
+        assert!(s.try_acquire("x", 2, ttl).await.unwrap().is_none());
+        assert!(
+            s.try_acquire("y", 2, ttl).await.unwrap().is_some(),
+            "scopes apart"
+        );
+        drop(a);
+        assert_eq!(s.held("x").await.unwrap(), 1);
+        drop(b);
+        assert_eq!(s.held("x").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn sc3_a_waiter_gets_the_slot_when_it_is_released() {
+        let s = store();
+        let far = Instant::now() + Duration::from_secs(30);
+        let ttl = Duration::from_secs(30);
+        let held = acquire(&s, "x", 1, ttl, far).await.unwrap().expect("held");
+        let s2 = s.clone();
+        let waiter = tokio::spawn(async move { acquire(&s2, "x", 1, ttl, far).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(held);
+        let got = waiter.await.unwrap().unwrap();
+        assert!(got.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sc3_a_waiter_gives_up_at_its_deadline() {
+        let s = store();
+        let ttl = Duration::from_secs(30);
+        let _held = s.try_acquire("x", 1, ttl).await.unwrap().expect("held");
+        let deadline = Instant::now() + Duration::from_millis(250);
+        let got = acquire(&s, "x", 1, ttl, deadline).await.unwrap();
+        assert!(got.is_none());
+        assert!(Instant::now() >= deadline);
+    }
+}
