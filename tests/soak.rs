@@ -303,4 +303,25 @@ async fn leak_check(env: &Env) {
     .await;
     let pool = env.relay.app.pool.clone();
     eventually(|| env.mock.log().open_connections == pool.counts().open as u64).await;
+    // The same counts as operators see them.
+    let text = reqwest::get(env.http_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from /metrics"))
+    };
+    assert_eq!(value("switchyard_sessions_running "), 0.0);
+    assert_eq!(value("switchyard_upstream_pool{count=\"held\"}"), 0.0);
+    assert_eq!(value("switchyard_upstream_pool{count=\"in_turn\"}"), 0.0);
+    assert_eq!(
+        value("switchyard_upstream_pool{count=\"tasks\"}"),
+        value("switchyard_upstream_pool{count=\"open\"}")
+    );
 }

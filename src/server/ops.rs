@@ -1,7 +1,13 @@
 //! Operations endpoints (SPEC OP-1, first version): liveness, readiness, Prometheus metrics.
 
+use std::sync::Arc;
+
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+
+use super::App;
+use crate::telemetry::metric;
 
 /// The process is up.
 pub async fn healthz() -> &'static str {
@@ -13,8 +19,11 @@ pub async fn readyz() -> &'static str {
     "ready\n"
 }
 
-/// Every registered series in the Prometheus text format.
-pub async fn metrics() -> Response {
+/// Every registered series in the Prometheus text format. The live counts of what a session
+/// can hold (sessions, leases, connection tasks, pending usage records) are read at scrape
+/// time, so a leak shows as a number that never returns to zero.
+pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    live_counts(&app);
     match crate::telemetry::metrics_handle() {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -27,4 +36,21 @@ pub async fn metrics() -> Response {
         )
             .into_response(),
     }
+}
+
+fn live_counts(app: &App) {
+    let c = app.pool.counts();
+    metrics::gauge!(metric::SESSIONS_RUNNING).set(app.sessions.len() as f64);
+    for (what, n) in [
+        ("contexts", c.contexts),
+        ("open", c.open),
+        ("held", c.held),
+        ("in_turn", c.in_turn),
+        ("dialing", c.dialing),
+        ("waiting", c.waiting),
+        ("tasks", c.tasks),
+    ] {
+        metrics::gauge!(metric::POOL_COUNTS, "count" => what).set(n as f64);
+    }
+    metrics::gauge!(metric::USAGE_PENDING).set(app.usage.pending() as f64);
 }
