@@ -38,6 +38,9 @@
 //! responses, tool-call and encrypted-reasoning rules, scripted faults), used by every test and
 //! by `switchyard mock-upstream`.
 //!
+//! [`loadgen`] is `switchyard loadgen`: an open-loop WebSocket load generator that measures
+//! per-event latency against the mock's send stamps, for the figures in BENCHMARKS.md.
+//!
 //! [`telemetry`] sets up logging and the process-wide metrics registry; [`tuning`] holds the
 //! constants that are not (yet) config keys, each with its reason.
 //!
@@ -54,6 +57,7 @@
 
 pub mod config;
 pub mod error;
+pub mod loadgen;
 pub mod mock;
 pub mod protocol;
 pub mod scheduler;

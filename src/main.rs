@@ -1,4 +1,5 @@
-//! The `switchyard` command: run the relay, check a config file, or run the mock upstream.
+//! The `switchyard` command: run the relay, check a config file, run the mock upstream, or put
+//! load on any of them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
         #[arg(long = "api-key")]
         api_keys: Vec<String>,
     },
+    /// Open-loop WebSocket load: N sessions x M turns of K stamped events (see BENCHMARKS.md).
+    Loadgen(switchyard::loadgen::LoadgenArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
             let opts = switchyard::mock::MockOptions { max_age, api_keys };
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
+        Command::Loadgen(args) => run(async move { switchyard::loadgen::run(args).await }),
     }
 }
 

@@ -20,6 +20,10 @@ pub mod metric {
     pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
     pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";
+    /// Full JSON parses of upstream events (terminal and error events only; never deltas).
+    pub const EVENT_FULL_PARSES: &str = "switchyard_event_full_parses_total";
+    /// Upstream events whose `type` was not first and needed a scan to find.
+    pub const EVENT_TYPE_SCANS: &str = "switchyard_event_type_scans_total";
 }
 
 /// Histogram buckets for latencies, 100 µs to 5 minutes.

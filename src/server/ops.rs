@@ -15,12 +15,19 @@ pub async fn readyz() -> &'static str {
 
 /// Every registered series in the Prometheus text format.
 pub async fn metrics() -> Response {
+    use crate::protocol::peek;
+    use crate::telemetry::metric;
     match crate::telemetry::metrics_handle() {
-        Some(h) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            h.render(),
-        )
-            .into_response(),
+        Some(h) => {
+            // Kept as plain atomics on the event path; copied into the registry when read.
+            metrics::counter!(metric::EVENT_FULL_PARSES).absolute(peek::full_parses());
+            metrics::counter!(metric::EVENT_TYPE_SCANS).absolute(peek::type_scans());
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                h.render(),
+            )
+                .into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder unavailable\n",

@@ -152,6 +152,7 @@ pub struct Outcome {
 
 /// Parses a terminal event in full (the only events the relay parses whole).
 pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
+    crate::protocol::peek::count_full_parse();
     let mut parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let response = parsed
         .get_mut("response")
