@@ -27,6 +27,7 @@ async fn bench_metadata_gets_paced_stamped_deltas_in_the_api_shape() {
     let mut req = create("gpt-test", "bench");
     req["metadata"] =
         json!({"bench_events": "5", "bench_bytes": "48", "bench_interval_us": "2000"});
+    let asked = switchyard::mock::bench::unix_nanos();
     send(&mut ws, &req).await;
     let events = read_turn(&mut ws).await;
     dump("mock_bench", &events);
@@ -41,9 +42,11 @@ async fn bench_metadata_gets_paced_stamped_deltas_in_the_api_shape() {
         .iter()
         .map(|d| read_stamp(d).expect("stamp"))
         .collect();
-    // Paced 2 ms apart on an absolute schedule: the last is at least 8 ms after the first.
+    // Paced 2 ms apart on a schedule that starts after the request was sent: the fifth delta
+    // cannot leave before 8 ms past that (a lower bound only, so load cannot break it).
     assert!(stamps.windows(2).all(|w| w[0] <= w[1]));
-    assert!(stamps[4] - stamps[0] >= 8_000_000, "{stamps:?}");
+    assert!(stamps[0] >= asked);
+    assert!(stamps[4] - asked >= 8_000_000, "{stamps:?}");
     let done = events.last().expect("terminal");
     assert_eq!(done["type"], "response.completed");
     assert_eq!(done["response"]["metadata"]["bench_events"], "5");
