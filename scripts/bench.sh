@@ -47,6 +47,7 @@ if [[ ${BENCH_NO_BUILD:-0} != 1 ]]; then
     log "building the release binary"
     (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET cargo build --release --quiet)
 fi
+[[ -x $BIN ]] || { log "no release binary at $BIN (set CARGO_TARGET_DIR?)"; exit 1; }
 # 5,000 sockets need 5,000 descriptors in the load generator, the mock and the relay, and
 # twice that in nginx (client and upstream side).
 ulimit -n "$(ulimit -Hn)"
@@ -204,7 +205,7 @@ run_load() {
         >"$OUT/$scen.$target.$rep.json" 2>>"$WORK/loadgen.log"
     c1=$(cpu_ns $pids) t1=$(cpu_ticks $pids)
     echo "{\"cpu_ns\": $((c1 - c0)), \"cpu_ticks\": $((t1 - t0))}" >"$OUT/$scen.$target.$rep.cpu.json"
-    log "$scen $target #$rep: $(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"{r["events_per_sec"]:.0f} ev/s, p50 {r["latency_us"]["p50"]} us, p99 {r["latency_us"]["p99"]} us, errors {r["errors"]}")' "$OUT/$scen.$target.$rep.json")"
+    log "$scen $target #$rep: $(python3 "$ROOT/scripts/bench_report.py" --line "$OUT/$scen.$target.$rep.json")"
 }
 
 # Idle sockets on freshly started processes, so memory freed by earlier runs cannot hide the

@@ -167,7 +167,18 @@ def targets(m, idle):
     return "\n".join(out)
 
 
+def one_line(path):
+    with open(path) as f:
+        r = json.load(f)
+    lat = r["latency_us"]
+    return (f"{r['events_per_sec']:.0f} ev/s, p50 {lat['p50']} us, p99 {lat['p99']} us, "
+            f"first event p50 {r['first_event_us']['p50']} us, errors {r['errors']}")
+
+
 def main():
+    if sys.argv[1] == "--line":
+        print(one_line(sys.argv[2]))
+        return
     out = sys.argv[1]
     parts = ["## Summary (scripts/bench.sh)", ""]
     machine = os.path.join(out, "machine.txt")
