@@ -168,9 +168,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "events: {} in {} s = {} events/s, {} MB/s of frames",
+            "events: {} in {:.3} s = {} events/s, {} MB/s of frames",
             j["events"],
-            j["seconds"],
+            self.seconds(),
             j["events_per_sec"],
             round(j["frame_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e6)
         );

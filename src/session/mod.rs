@@ -23,7 +23,6 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::error::RelayError;
 use crate::telemetry::metric;
-use crate::upstream::conn::sleep_until;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
 
 use outbox::Outbox;
@@ -115,14 +114,29 @@ where
         transcript: Some(Transcript::default()),
         upstream_turn_state: None,
     };
+    // One timer for upstream silence, moved only when it fires early: every event pushes
+    // `silent_at` forward, and re-registering a timer per event would cost more than the event.
+    let silence = tokio::time::sleep_until(Instant::now() + every);
+    tokio::pin!(silence);
     let end = loop {
+        if let Some(at) = s.silent_at.filter(|at| *at < silence.deadline()) {
+            silence.as_mut().reset(at);
+        }
         let wake = tokio::select! {
             m = stream.next() => Wake::Client(m),
             r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
-            _ = sleep_until(s.silent_at), if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
+            _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick() => Wake::Ping,
+        };
+        let wake = match (wake, s.silent_at) {
+            // Fired for a deadline that events have since pushed back: wait for the new one.
+            (Wake::Silence, Some(at)) if at > Instant::now() => {
+                silence.as_mut().reset(at);
+                continue;
+            }
+            (wake, _) => wake,
         };
         match s.handle(wake).await {
             Step::Go => {}
