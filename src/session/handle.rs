@@ -23,7 +23,7 @@ impl Session {
             }
             Wake::Room(Err(_)) => Step::Gone,
             Wake::Dialed(r) => self.on_dialed(r).await,
-            Wake::Upstream(f) => self.on_upstream(f),
+            Wake::Upstream(f) => self.on_upstream_burst(f),
             Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
         }
