@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -42,7 +41,8 @@ pub struct SessionParams {
 /// Whatever woke the session loop.
 enum Wake {
     Client(Option<Result<Message, tungstenite::Error>>),
-    Room(Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>>),
+    /// Everything queued for the client is flushed (or the client is gone).
+    Flushed(Result<(), tungstenite::Error>),
     Dialed(Result<Result<Lease, RelayError>, tokio::task::JoinError>),
     Upstream(Option<UpFrame>),
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
@@ -122,9 +122,14 @@ where
         if let Some(at) = s.silent_at.filter(|at| *at < silence.deadline()) {
             silence.as_mut().reset(at);
         }
+        // What the last pass queued goes out now, from this task; what the socket does not take
+        // yet is waited for below.
+        if s.out.busy() && flush_now(&mut s.out).await.is_err() {
+            break Step::Gone;
+        }
         let wake = tokio::select! {
             m = stream.next() => Wake::Client(m),
-            r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
+            r = s.out.drain(), if s.out.busy() => Wake::Flushed(r),
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
             _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
@@ -149,8 +154,13 @@ where
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
 }
 
-async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Message>, mpsc::error::SendError<()>> {
-    out.sender().reserve_owned().await
+/// One non-blocking write-and-flush attempt (the task is woken when the socket has room).
+async fn flush_now(out: &mut Outbox) -> Result<(), tungstenite::Error> {
+    std::future::poll_fn(|cx| match out.poll_drain(cx) {
+        std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+        _ => std::task::Poll::Ready(Ok(())),
+    })
+    .await
 }
 
 async fn dial_done(
