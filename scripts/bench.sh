@@ -18,7 +18,9 @@
 #   BENCH_OUT=DIR        where results go (default: a new temporary directory)
 #   BENCH_NO_BUILD=1     use the existing release binary
 #   BENCH_PORT_BASE=N    mock N, nginx N+1, relay N+2 (default 19100)
+#   BENCH_NICE=N         run everything at this niceness (e.g. -10 on a machine that others share)
 set -euo pipefail
+if [[ -n ${BENCH_NICE:-} ]]; then renice -n "$BENCH_NICE" $$ >/dev/null; fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-/var/tmp/switchyard-target}

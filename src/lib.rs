@@ -17,8 +17,8 @@
 //!
 //! [`session`] owns one client socket: its turns one after another, the last response id and
 //! model, the upstream connection it holds, and the errors held back during a turn. Its loop
-//! waits on the client, the upstream, the client writer and timers at once, so it never blocks
-//! on either peer.
+//! waits on the client, the upstream, room in the client socket and timers at once, so it never
+//! blocks on either peer; it writes to the client itself.
 //!
 //! [`scheduler`] picks the upstream account for each turn (for now the first account that serves
 //! the model).
@@ -51,7 +51,7 @@
 //! pooled WebSocket: reused if warm, dialed if not) → continuity decides between the fast path
 //! (`previous_response_id` the context still holds) and a full replay of the transcript → the
 //! request is written upstream → the context's reader task pushes each event into a bounded
-//! channel and the session's writer forwards the original bytes to the client, peeking only at
+//! channel and the session forwards the original bytes to the client, peeking only at
 //! the event type → at the terminal event the transcript and bindings advance, the slot is
 //! released, the context stays with the session, and one usage record is written.
 

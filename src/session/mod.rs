@@ -1,6 +1,6 @@
 //! A client session: one client WebSocket, its turns one after another, and the upstream
 //! connection it holds. The loop never blocks on either peer: client frames, upstream events,
-//! room in the client writer, a finished dial and the ping timer are all awaited together, so a
+//! room in the client socket, a finished dial and the ping timer are all awaited together, so a
 //! disconnect or a new request is seen at once (TP-3) and a slow client only slows the upstream
 //! read (TP-2).
 

@@ -118,8 +118,8 @@ impl Session {
     }
 
     /// Handles an upstream frame and then the frames already queued behind it, while the
-    /// client writer has room: a burst costs one pass of the session loop and lets the writer
-    /// flush it with one write, instead of a wake-up and a write per event.
+    /// client side has room: a burst costs one pass of the session loop and goes out with one
+    /// flush, instead of a pass, a wake-up and a write per event.
     pub(super) fn on_upstream_burst(&mut self, f: Option<UpFrame>) -> Step {
         let mut step = self.on_upstream(f);
         for _ in 1..tuning::UPSTREAM_BURST {
