@@ -17,8 +17,8 @@
 //!
 //! [`session`] owns one client socket: its turns one after another, the last response id and
 //! model, the upstream connection it holds, and the errors held back during a turn. Its loop
-//! waits on the client, the upstream, the client writer and timers at once, so it never blocks
-//! on either peer.
+//! waits on the client, the upstream, room in the client socket and timers at once, so it never
+//! blocks on either peer; it writes to the client itself.
 //!
 //! [`scheduler`] picks the upstream account for each turn (for now the first account that serves
 //! the model).
@@ -45,6 +45,9 @@
 //! responses, tool-call and encrypted-reasoning rules, scripted faults), used by every test and
 //! by `switchyard mock-upstream`.
 //!
+//! [`loadgen`] is `switchyard loadgen`: an open-loop WebSocket load generator that measures
+//! per-event latency against the mock's send stamps, for the figures in BENCHMARKS.md.
+//!
 //! [`telemetry`] sets up logging and the process-wide metrics registry; [`tuning`] holds the
 //! constants that are not (yet) config keys, each with its reason.
 //!
@@ -57,13 +60,14 @@
 //! its own if still held, an idle one, a new dial, or another session's parked one) → continuity decides between the fast path
 //! (`previous_response_id` the context still holds) and a full replay of the transcript → the
 //! request is written upstream → the context's reader task pushes each event into a bounded
-//! channel and the session's writer forwards the original bytes to the client, peeking only at
+//! channel and the session forwards the original bytes to the client, peeking only at
 //! the event type → at the terminal event the transcript and bindings advance, the slot is
 //! released, the context stays parked with the session, and one usage record is handed to the
 //! recorder, which flushes it to the store off the hot path.
 
 pub mod config;
 pub mod error;
+pub mod loadgen;
 pub mod mock;
 pub mod protocol;
 pub mod scheduler;

@@ -1,5 +1,5 @@
-//! The `switchyard` command: run the relay, check a config file, run the mock upstream, or
-//! summarise recorded usage.
+//! The `switchyard` command: run the relay, check a config file, run the mock upstream,
+//! summarise recorded usage, or put load on any of them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +45,8 @@ enum Command {
     },
     /// Summarise the usage records in the store: totals per key, account or model over a window.
     Usage(switchyard::usage::report::UsageArgs),
+    /// Open-loop WebSocket load: N sessions x M turns of K stamped events (see BENCHMARKS.md).
+    Loadgen(switchyard::loadgen::LoadgenArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             let opts = switchyard::mock::MockOptions { max_age, api_keys };
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
+        Command::Loadgen(args) => run(async move { switchyard::loadgen::run(args).await }),
     }
 }
 

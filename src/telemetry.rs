@@ -27,6 +27,10 @@ pub mod metric {
     pub const USAGE_UNPRICED: &str = "switchyard_usage_unpriced_total";
     pub const USAGE_TOKENS: &str = "switchyard_usage_tokens_total";
     pub const USAGE_COST_MICRO_USD: &str = "switchyard_usage_cost_micro_usd_total";
+    /// Full JSON parses of upstream events (terminal and error events only; never deltas).
+    pub const EVENT_FULL_PARSES: &str = "switchyard_event_full_parses_total";
+    /// Upstream events whose `type` was not first and needed a scan to find.
+    pub const EVENT_TYPE_SCANS: &str = "switchyard_event_type_scans_total";
 }
 
 /// Histogram buckets for latencies, 100 µs to 5 minutes.

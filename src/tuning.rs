@@ -13,3 +13,7 @@ pub const CLIENT_READ_BUFFER: usize = 4096;
 /// A client that stops reading gets this long to take the final frames before the socket is
 /// dropped anyway, so a dead peer cannot hold a session open.
 pub const CLIENT_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Upstream events the session handles in one pass when they are already queued: enough for a
+/// burst to go out in one write, few enough that the client and timers are still seen at once.
+pub const UPSTREAM_BURST: usize = 32;

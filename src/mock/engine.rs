@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use super::bench::BenchSpec;
 use super::events::{item_events, usage, EventSink, OutputSpec, ResponseHead};
 use super::script::{parse_directives, Directives};
 use super::state::{MockState, Stored};
@@ -52,6 +53,8 @@ pub struct Plan {
     /// Context after this response (input + output), remembered when it ends well.
     pub stored: Arc<Stored>,
     pub store: bool,
+    /// A benchmark answer (`metadata.bench_events`): its deltas are paced and stamped as sent.
+    pub bench: Option<BenchSpec>,
 }
 
 /// Where `previous_response_id` may be looked up besides account storage.
@@ -90,14 +93,24 @@ pub fn plan(
         request: req.clone(),
     };
     let generate = req.get("generate").and_then(Value::as_bool).unwrap_or(true);
-    let outputs = if generate {
+    let bench = BenchSpec::from_request(req).filter(|_| generate);
+    let outputs = if let Some(b) = bench {
+        vec![OutputSpec::Message {
+            id: new_id("msg"),
+            text: b.answer_text(),
+        }]
+    } else if generate {
         decide_outputs(state, account, &directives, &new_items)
     } else {
         Vec::new()
     };
     let input_tokens = div_ceil(input_bytes, 4);
     let cached = ((cached_bytes / 4) as u64).min(input_tokens);
-    let events = if let Some(name) = directives.fixture.as_deref().filter(|_| generate) {
+    let fixture = directives
+        .fixture
+        .as_deref()
+        .filter(|_| generate && bench.is_none());
+    let events = if let Some(name) = fixture {
         let prev = req
             .get("previous_response_id")
             .cloned()
@@ -110,7 +123,10 @@ pub fn plan(
             )
         })?
     } else {
-        let delta = directives.delta_bytes.unwrap_or(12);
+        let delta = bench
+            .map(|b| b.bytes)
+            .or(directives.delta_bytes)
+            .unwrap_or(12);
         build_events(&head, &outputs, (input_tokens, cached), generate, delta)
     };
     context.extend(outputs.iter().map(OutputSpec::done_item));
@@ -125,6 +141,7 @@ pub fn plan(
             items: context,
         }),
         store,
+        bench,
     })
 }
 

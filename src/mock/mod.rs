@@ -13,10 +13,13 @@
 //!   `function_call` sent with its id needs the reasoning item that preceded it.
 //! - Scripting: `[[mock:tool NAME ARGS]]`, `[[mock:reason]]`, `[[mock:text N]]`,
 //!   `[[mock:fixture NAME]]`, `[[mock:fault KIND ...]]` in the last user message (see
-//!   [`script`]); the control API under `/__mock/` queues faults and handshake refusals, makes
-//!   every open connection deaf or closes it, and shows what the mock saw (pings received and
-//!   open connections included).
+//!   [`script`]); `metadata.bench_events` asks for a paced, time-stamped benchmark answer
+//!   ([`bench`], used by `switchyard loadgen`); the control API under `/__mock/` queues faults
+//!   and handshake refusals, makes every open connection deaf or closes it, and shows what the
+//!   mock saw (pings received and open connections included).
+//! - Events go out as the real API writes them, `type` first.
 
+pub mod bench;
 pub mod engine;
 pub mod events;
 pub mod fixtures;

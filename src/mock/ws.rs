@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::bench;
 use super::engine::{self, ApiError, ConnCache};
 use super::script::FaultKind;
 use super::state::{ConnControl, ConnGuard, Interrupt, MockState, SeenRequest, StreamEnd};
@@ -173,10 +174,20 @@ impl Conn {
     }
 
     async fn send(&mut self, v: &Value) -> bool {
-        self.sink
-            .send(Message::Text(v.to_string().into()))
-            .await
-            .is_ok()
+        self.send_text(api_text(v)).await
+    }
+
+    async fn send_text(&mut self, text: String) -> bool {
+        self.sink.send(Message::Text(text.into())).await.is_ok()
+    }
+
+    /// Waits until `t` unless the client leaves or the connection is interrupted first.
+    async fn wait_until(&mut self, t: Instant) -> Option<(&'static str, Flow)> {
+        tokio::select! {
+            _ = tokio::time::sleep_until(t) => None,
+            _ = self.client_gone.cancelled() => Some(("client_closed", Flow::Drop)),
+            i = self.control.interrupted() => Some(("fault", i.into())),
+        }
     }
 
     async fn handle(&mut self, text: &str) -> Flow {
@@ -256,6 +267,7 @@ impl Conn {
         };
         let mut sent = 0;
         let mut outcome = ("completed", Flow::Continue);
+        let (start, mut deltas) = (Instant::now(), 0);
         for (i, event) in plan.events.iter().enumerate() {
             if let Some(f) = fault.as_ref().filter(|f| f.after == i) {
                 if let Some(result) = self.act(&f.kind).await {
@@ -268,14 +280,25 @@ impl Conn {
                 break;
             }
             if let Some(d) = slow {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = self.client_gone.cancelled() => { outcome = ("client_closed", Flow::Drop); break; }
-                    i = self.control.interrupted() => { outcome = ("fault", i.into()); break; }
+                if let Some(o) = self.wait_until(Instant::now() + d).await {
+                    outcome = o;
+                    break;
                 }
             }
-            let event = ws_shape(event);
-            if self.client_gone.is_cancelled() || !self.send(&event).await {
+            let mut text = api_text(&ws_shape(event));
+            // A bench delta waits for its slot in the schedule, then carries its send time.
+            if let Some((b, at)) = plan.bench.zip(bench::stamp_offset(&text)) {
+                let due = start + b.due(deltas);
+                deltas += 1;
+                if due > Instant::now() {
+                    if let Some(o) = self.wait_until(due).await {
+                        outcome = o;
+                        break;
+                    }
+                }
+                bench::stamp(&mut text, at);
+            }
+            if self.client_gone.is_cancelled() || !self.send_text(text).await {
                 outcome = ("client_closed", Flow::Drop);
                 break;
             }
@@ -349,6 +372,23 @@ impl Conn {
             _ => self.cache = None,
         }
     }
+}
+
+/// An event as the real API writes it: `type` first (clients and relays may rely on reading
+/// it off the front of the frame), then the other fields.
+pub fn api_text(v: &Value) -> String {
+    let (Value::Object(map), Some(kind)) = (v, v.get("type")) else {
+        return v.to_string();
+    };
+    let mut out = format!("{{\"type\":{kind}");
+    for (k, val) in map.iter().filter(|(k, _)| *k != "type") {
+        out.push(',');
+        out.push_str(&Value::String(k.clone()).to_string());
+        out.push(':');
+        out.push_str(&val.to_string());
+    }
+    out.push('}');
+    out
 }
 
 /// A replayed SSE-shaped `error` event becomes the WebSocket error frame with its status.

@@ -183,6 +183,7 @@ pub fn classify(code: Option<&str>, message: Option<&str>, status: Option<u16>) 
 /// error body `{"error":{...}}`, or a `response.failed` event's `response.error`. Text that is
 /// none of these is `Unknown` (with whatever status it carries).
 pub fn classify_error_event(text: &str) -> Classified {
+    super::peek::count_full_parse();
     classify_value(&serde_json::from_str(text).unwrap_or(Value::Null))
 }
 

@@ -2,7 +2,32 @@
 //! only needs the `type` (DESIGN.md: no full parse of every streamed event). Terminal events,
 //! which carry the response id and usage, are parsed in full by the session.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::Deserialize;
+
+/// Full JSON parses of upstream events on the relay's path, process-wide: the evidence that
+/// deltas are never parsed (terminal and error events are; see [`count_full_parse`]).
+static FULL_PARSES: AtomicU64 = AtomicU64::new(0);
+
+/// Events whose `type` was not first and had to be found by a scan (no tree is built, but every
+/// byte is tokenized): the real API and the mock write `type` first, so this stays near zero.
+static TYPE_SCANS: AtomicU64 = AtomicU64::new(0);
+
+/// Called by every full parse of an upstream event (one relaxed atomic add).
+pub fn count_full_parse() {
+    FULL_PARSES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Full parses of upstream events so far in this process.
+pub fn full_parses() -> u64 {
+    FULL_PARSES.load(Ordering::Relaxed)
+}
+
+/// `type` scans (the slow path of [`event_type`]) so far in this process.
+pub fn type_scans() -> u64 {
+    TYPE_SCANS.load(Ordering::Relaxed)
+}
 
 /// What the relay needs to know about one upstream event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +90,7 @@ pub fn event_type(text: &str) -> Option<std::borrow::Cow<'_, str>> {
             }
         }
     }
+    TYPE_SCANS.fetch_add(1, Ordering::Relaxed);
     serde_json::from_str::<TypeOnly>(text).ok().map(|t| t.kind)
 }
 

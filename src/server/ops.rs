@@ -23,13 +23,19 @@ pub async fn readyz() -> &'static str {
 /// can hold (sessions, leases, connection tasks, pending usage records) are read at scrape
 /// time, so a leak shows as a number that never returns to zero.
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
+    use crate::protocol::peek;
     live_counts(&app);
     match crate::telemetry::metrics_handle() {
-        Some(h) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            h.render(),
-        )
-            .into_response(),
+        Some(h) => {
+            // Kept as plain atomics on the event path; copied into the registry when read.
+            metrics::counter!(metric::EVENT_FULL_PARSES).absolute(peek::full_parses());
+            metrics::counter!(metric::EVENT_TYPE_SCANS).absolute(peek::type_scans());
+            (
+                [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                h.render(),
+            )
+                .into_response()
+        }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             "metrics recorder unavailable\n",

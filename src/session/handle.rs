@@ -15,15 +15,14 @@ impl Session {
     pub(super) async fn handle(&mut self, wake: Wake) -> Step {
         match wake {
             Wake::Client(m) => self.on_client(m).await,
-            Wake::Room(Ok(permit)) => {
-                self.out.send_with(permit);
+            Wake::Flushed(Ok(())) => {
                 // Waiting on the client is not upstream silence.
                 self.arm_silence();
                 Step::Go
             }
-            Wake::Room(Err(_)) => Step::Gone,
+            Wake::Flushed(Err(_)) => Step::Gone,
             Wake::Dialed(r) => self.on_dialed(r).await,
-            Wake::Upstream(f) => self.on_upstream(f),
+            Wake::Upstream(f) => self.on_upstream_burst(f),
             Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
             Wake::Shutdown => {

@@ -1,6 +1,6 @@
 //! A client session: one client WebSocket, its turns one after another, and the upstream
 //! connection it holds. The loop never blocks on either peer: client frames, upstream events,
-//! room in the client writer, a finished dial and the ping timer are all awaited together, so a
+//! room in the client socket, a finished dial and the timers are all awaited together, so a
 //! disconnect or a new request is seen at once (TP-3) and a slow client only slows the upstream
 //! read (TP-2).
 
@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
@@ -28,12 +27,11 @@ use crate::error::RelayError;
 use crate::protocol::client::CreateRequest;
 use crate::state::StateStore;
 use crate::telemetry::metric;
-use crate::upstream::conn::sleep_until;
 use crate::upstream::{Identity, Lease, Pool, UpFrame};
 use crate::usage::Recorder;
 
 use admit::Admitted;
-use outbox::{Out, Outbox};
+use outbox::Outbox;
 use record::Read;
 use transcript::{Transcript, TranscriptBudget};
 use turn::Turn;
@@ -57,7 +55,8 @@ pub struct SessionParams {
 /// Whatever woke the session loop.
 enum Wake {
     Client(Option<Result<Message, tungstenite::Error>>),
-    Room(Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>>),
+    /// Everything queued for the client is flushed (or the client is gone).
+    Flushed(Result<(), tungstenite::Error>),
     Dialed(Result<Result<Admitted, RelayError>, tokio::task::JoinError>),
     Upstream(Option<UpFrame>),
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
@@ -150,17 +149,43 @@ where
         shutting_down: false,
     };
     let shutdown = s.p.shutdown.clone();
+    // One timer each for upstream silence and for WS-8's idle limits, moved only when their
+    // deadline changes: every event pushes `silent_at` forward, and re-registering a timer per
+    // event would cost more than the event.
+    let silence = tokio::time::sleep_until(Instant::now() + every);
+    tokio::pin!(silence);
+    let idle = tokio::time::sleep_until(s.idle_at());
+    tokio::pin!(idle);
     let end = loop {
-        let idle_at = s.idle_at();
+        if let Some(at) = s.silent_at.filter(|at| *at < silence.deadline()) {
+            silence.as_mut().reset(at);
+        }
+        if s.turn.is_none() && idle.deadline() != s.idle_at() {
+            let at = s.idle_at();
+            idle.as_mut().reset(at);
+        }
+        // What the last pass queued goes out now, from this task; what the socket does not take
+        // yet is waited for below.
+        if s.out.busy() && flush_now(&mut s.out).await.is_err() {
+            break Step::Gone;
+        }
         let wake = tokio::select! {
             m = stream.next() => Wake::Client(m),
-            r = room(&s.out), if s.out.has_pending() => Wake::Room(r),
+            r = s.out.drain(), if s.out.busy() => Wake::Flushed(r),
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
-            _ = sleep_until(s.silent_at), if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
+            _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick() => Wake::Ping,
             _ = shutdown.cancelled() => Wake::Shutdown,
-            _ = sleep_until(idle_at), if s.turn.is_none() => Wake::Idle,
+            _ = &mut idle, if s.turn.is_none() => Wake::Idle,
+        };
+        let wake = match (wake, s.silent_at) {
+            // Fired for a deadline that events have since pushed back: wait for the new one.
+            (Wake::Silence, Some(at)) if at > Instant::now() => {
+                silence.as_mut().reset(at);
+                continue;
+            }
+            (wake, _) => wake,
         };
         let step = match s.handle(wake).await {
             Step::Go => s.next_queued().await,
@@ -176,8 +201,13 @@ where
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
 }
 
-async fn room(out: &Outbox) -> Result<mpsc::OwnedPermit<Out>, mpsc::error::SendError<()>> {
-    out.sender().reserve_owned().await
+/// One non-blocking write-and-flush attempt (the task is woken when the socket has room).
+async fn flush_now(out: &mut Outbox) -> Result<(), tungstenite::Error> {
+    std::future::poll_fn(|cx| match out.poll_drain(cx) {
+        std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+        _ => std::task::Poll::Ready(Ok(())),
+    })
+    .await
 }
 
 async fn dial_done(

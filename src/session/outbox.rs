@@ -1,158 +1,169 @@
-//! The client side of a session's output: frames wait in a short queue until the writer task
-//! has room, so the session loop never blocks on a slow client and keeps reading it (TP-3).
+//! The client side of a session's output: frames wait in a short queue and the session task
+//! itself writes them whenever the socket takes them, so the loop never blocks on a slow client
+//! and keeps reading it (TP-3).
+//!
+//! Writing from the session task, rather than handing frames to a writer task, saves a task
+//! wake-up per event (the relay's per-event cost is wake-ups and syscalls, not parsing:
+//! BENCHMARKS.md). Everything queued since the last pass goes out with one flush (TP-2's
+//! batching), and the queue's bound is where upstream reading pauses (backpressure).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use futures::{Sink, SinkExt};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::tuning;
 
-/// A frame and the turn whose upstream event it is (0: a frame of the relay's own).
-pub struct Out {
-    turn: u64,
-    msg: Message,
-}
+type ClientSink = Pin<Box<dyn Sink<Message, Error = tungstenite::Error> + Send>>;
 
 /// Frames on their way to the client.
 pub struct Outbox {
-    tx: mpsc::Sender<Out>,
-    pending: VecDeque<Out>,
-    /// The turn whose events must no longer reach the client (TP-5's preempted turn); the
-    /// writer skips them even when they are already in its channel.
-    cut: Arc<AtomicU64>,
-    writer: tokio::task::JoinHandle<()>,
+    sink: ClientSink,
+    /// Frames not yet handed to the socket, each with the turn whose upstream event it is
+    /// (0: a frame of the relay's own), so a preempted turn's frames can be dropped (TP-5).
+    pending: VecDeque<(u64, Message)>,
+    /// Frames were handed to the sink since its last flush.
+    unflushed: bool,
+    /// Queued frames at which the session stops taking upstream events.
+    depth: usize,
 }
 
 impl Outbox {
-    /// Spawns the writer task over `sink`; at most `depth` frames are in flight to it.
+    /// An outbox over `sink`; upstream reading pauses while `depth` frames wait.
     pub fn new<S>(sink: S, depth: usize) -> Outbox
     where
-        S: Sink<Message> + Unpin + Send + 'static,
+        S: Sink<Message, Error = tungstenite::Error> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(depth.max(1));
-        let cut = Arc::new(AtomicU64::new(0));
-        let writer = tokio::spawn(write_loop(sink, rx, cut.clone()));
         Outbox {
-            tx,
+            sink: Box::pin(sink),
             pending: VecDeque::new(),
-            cut,
-            writer,
+            unflushed: false,
+            depth: depth.max(1),
         }
     }
 
-    /// Queues a frame of the relay's own.
+    /// Queues a frame of the relay's own; it goes out on the session loop's next pass.
     pub fn push(&mut self, m: Message) {
-        self.push_out(Out { turn: 0, msg: m });
+        self.pending.push_back((0, m));
     }
 
     /// Queues an upstream event of turn `turn`.
     pub fn push_event(&mut self, turn: u64, m: Message) {
-        self.push_out(Out { turn, msg: m });
+        self.pending.push_back((turn, m));
     }
 
-    /// Drops every frame of `turn` not yet written, wherever it waits.
+    /// Drops every frame of `turn` not yet handed to the socket (TP-5: nothing of a preempted
+    /// turn reaches the client after its preemption).
     pub fn discard_turn(&mut self, turn: u64) {
-        self.cut.store(turn, Ordering::Relaxed);
-        self.pending.retain(|o| o.turn != turn);
-    }
-
-    /// Queues a frame; straight into the writer's channel when nothing waits before it and
-    /// there is room (the common case, one step per event).
-    fn push_out(&mut self, m: Out) {
-        if !self.pending.is_empty() {
-            self.pending.push_back(m);
-            return;
-        }
-        match self.tx.try_send(m) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(m)) => self.pending.push_back(m),
-            // The writer is gone; the loop notices when it next waits for room or reads.
-            Err(mpsc::error::TrySendError::Closed(m)) => self.pending.push_back(m),
-        }
+        self.pending.retain(|(t, _)| *t != turn);
     }
 
     pub fn push_json(&mut self, v: &serde_json::Value) {
         self.push(Message::Text(v.to_string().into()));
     }
 
+    /// Whether the client is behind: upstream events wait until it catches up (TP-2).
     pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
+        self.pending.len() >= self.depth
     }
 
-    /// A sender for waiting on room in the writer's channel from a `select!`.
-    pub fn sender(&self) -> mpsc::Sender<Out> {
-        self.tx.clone()
+    /// Whether anything is queued or written but not flushed.
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty() || self.unflushed
     }
 
-    /// Hands the oldest pending frame to the writer through a reserved slot.
-    pub fn send_with(&mut self, permit: mpsc::OwnedPermit<Out>) {
-        if let Some(m) = self.pending.pop_front() {
-            permit.send(m);
+    /// Writes and flushes what the socket takes now. Ready(Ok) once everything is flushed,
+    /// Pending (the task is woken when the socket has room) while it is not, Ready(Err) when
+    /// the client is gone.
+    pub fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), tungstenite::Error>> {
+        while !self.pending.is_empty() {
+            ready!(self.sink.as_mut().poll_ready(cx))?;
+            if let Some((_, m)) = self.pending.pop_front() {
+                self.sink.as_mut().start_send(m)?;
+                self.unflushed = true;
+            }
         }
+        if self.unflushed {
+            ready!(self.sink.as_mut().poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 
-    /// Sends what is pending and a Close frame, then waits (bounded) for the writer to finish.
+    /// Waits until everything queued is flushed (cancel-safe: what is not written stays queued).
+    pub async fn drain(&mut self) -> Result<(), tungstenite::Error> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await
+    }
+
+    /// Sends what is pending and a Close frame, then closes the socket (bounded).
     pub async fn close(mut self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.to_string().into(),
         };
-        self.pending.push_back(Out {
-            turn: 0,
-            msg: Message::Close(Some(frame)),
-        });
+        self.pending.push_back((0, Message::Close(Some(frame))));
         self.finish().await;
     }
 
-    /// Sends what is pending, then lets the writer end.
+    /// Sends what is pending, then closes the socket; a client that does not take it within
+    /// the grace is dropped anyway, so a dead peer cannot hold the session open.
     pub async fn finish(mut self) {
-        let drain = async {
-            while let Some(m) = self.pending.pop_front() {
-                if self.tx.send(m).await.is_err() {
-                    break;
-                }
+        let _ = tokio::time::timeout(tuning::CLIENT_CLOSE_GRACE, async {
+            if self.drain().await.is_ok() {
+                let _ = self.sink.close().await;
             }
-        };
-        let _ = tokio::time::timeout(tuning::CLIENT_CLOSE_GRACE, drain).await;
-        drop(self.tx);
-        if tokio::time::timeout(tuning::CLIENT_CLOSE_GRACE, &mut self.writer)
-            .await
-            .is_err()
-        {
-            self.writer.abort();
-        }
+        })
+        .await;
     }
 }
 
-/// Writes frames as they come, flushing whenever the channel is momentarily empty (TP-2's
-/// batching); ends on a write error or after a Close frame.
-async fn write_loop<S>(mut sink: S, mut rx: mpsc::Receiver<Out>, cut: Arc<AtomicU64>)
-where
-    S: Sink<Message> + Unpin,
-{
-    while let Some(first) = rx.recv().await {
-        let mut closing = false;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            if out.turn == 0 || out.turn != cut.load(Ordering::Relaxed) {
-                closing = matches!(out.msg, Message::Close(_));
-                if sink.feed(out.msg).await.is_err() {
-                    return;
-                }
-            }
-            if !closing {
-                next = rx.try_recv().ok();
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::channel::mpsc;
+    use futures::StreamExt;
+
+    /// A sink over a channel of one slot, standing in for a client socket.
+    fn outbox(depth: usize) -> (Outbox, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel::<Message>(0);
+        let sink = tx.sink_map_err(|_| tungstenite::Error::ConnectionClosed);
+        (Outbox::new(sink, depth), rx)
+    }
+
+    #[tokio::test]
+    async fn tp2_a_client_that_does_not_read_pauses_the_upstream_at_the_bound() {
+        let (mut out, mut rx) = outbox(3);
+        for i in 0..3 {
+            out.push(Message::Text(format!("e{i}").into()));
         }
-        if sink.flush().await.is_err() || closing {
-            let _ = sink.close().await;
-            return;
-        }
+        assert!(out.has_pending() && out.busy());
+        // The socket takes little: draining stops part way and the rest stays queued.
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(out.poll_drain(&mut cx).is_pending());
+        assert!(out.busy());
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(m) = rx.next().await {
+                got.push(m.into_text().map(|t| t.to_string()).unwrap_or_default());
+            }
+            got
+        });
+        out.drain().await.expect("drained");
+        assert!(!out.busy() && !out.has_pending());
+        out.finish().await;
+        assert_eq!(reader.await.expect("reader"), ["e0", "e1", "e2"]);
+    }
+
+    #[tokio::test]
+    async fn a_gone_client_is_an_error_not_a_hang() {
+        let (mut out, rx) = outbox(4);
+        drop(rx);
+        out.push(Message::Text("e".into()));
+        assert!(out.drain().await.is_err());
     }
 }

@@ -78,14 +78,14 @@ impl Session {
     }
 
     /// When WS-8 closes an idle socket: no first frame, or no request for a while.
-    pub(super) fn idle_at(&self) -> Option<Instant> {
+    pub(super) fn idle_at(&self) -> Instant {
         let s = &self.p.cfg.session;
         let wait = if self.first_frame {
             s.idle_timeout
         } else {
             s.first_message_timeout
         };
-        Some(self.last_request + wait)
+        self.last_request + wait
     }
 
     pub(super) fn on_idle(&mut self) -> Step {

@@ -12,6 +12,7 @@ use crate::error::{RelayError, Side};
 use crate::protocol::classify::{classify_error_event, ErrorClass};
 use crate::protocol::peek::{self, EventClass};
 use crate::telemetry::metric;
+use crate::tuning;
 use crate::upstream::{UpEnd, UpFrame};
 
 impl Session {
@@ -79,7 +80,29 @@ impl Session {
         }
     }
 
-    pub(super) fn on_upstream(&mut self, f: Option<UpFrame>) -> Step {
+    /// Handles an upstream frame and then the frames already queued behind it, while the
+    /// client side has room: a burst costs one pass of the session loop and goes out with one
+    /// flush, instead of a pass, a wake-up and a write per event.
+    pub(super) fn on_upstream_burst(&mut self, f: Option<UpFrame>) -> Step {
+        let mut step = self.on_upstream(f);
+        for _ in 1..tuning::UPSTREAM_BURST {
+            if !matches!(step, Step::Go) || self.out.has_pending() {
+                break;
+            }
+            // Empty or closed: the loop's own wait on the lease sees what comes next.
+            let Some(next) = self
+                .upstream
+                .as_mut()
+                .and_then(|u| u.events.try_recv().ok())
+            else {
+                break;
+            };
+            step = self.on_upstream(Some(next));
+        }
+        step
+    }
+
+    fn on_upstream(&mut self, f: Option<UpFrame>) -> Step {
         let text = match f {
             Some(UpFrame::Event(text)) => text,
             Some(UpFrame::Ended(end)) => return self.upstream_ended(end),

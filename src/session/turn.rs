@@ -127,10 +127,15 @@ impl Turn {
             }
             self.lifecycle_sent.push(kind.to_string());
         }
-        let now = self.since_start();
-        self.timings.first_event.get_or_insert(now);
-        if class == EventClass::Delta {
-            self.timings.first_token.get_or_insert(now);
+        // The clock is read only while a TP-8 first-time figure is still missing, not for
+        // every event of a long stream.
+        let first_token = class == EventClass::Delta && self.timings.first_token.is_none();
+        if self.timings.first_event.is_none() || first_token {
+            let now = self.since_start();
+            self.timings.first_event.get_or_insert(now);
+            if first_token {
+                self.timings.first_token = Some(now);
+            }
         }
         self.output_sent |= class.is_output();
         true
@@ -180,6 +185,7 @@ pub struct Outcome {
 
 /// Parses a terminal event in full (the only events the relay parses whole).
 pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
+    crate::protocol::peek::count_full_parse();
     let mut parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let error_class = match class {
         EventClass::Done => parsed
