@@ -85,6 +85,7 @@ accounts:
     api_key: $UP_KEY
     mode: ctx_pool
     max_conns: 1024
+    concurrency: 1024
 EOF
     "$BIN" serve --config "$WORK/relay.yaml" >"$WORK/relay.log" 2>&1 &
     RELAY_PID=$!

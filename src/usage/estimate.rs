@@ -2,6 +2,10 @@
 //! the `delta` strings of streamed `*.delta` events, read off the raw bytes without parsing the
 //! event (DESIGN.md: no full parse of streamed events).
 
+use std::sync::OnceLock;
+
+use memchr::memmem;
+
 /// Tokens for `bytes` of text: ceil(bytes / 4).
 pub fn tokens_for(bytes: u64) -> u64 {
     bytes.div_ceil(4)
@@ -13,8 +17,10 @@ pub fn tokens_for(bytes: u64) -> u64 {
 /// so those byte sequences only occur as structure. The string is then measured with its
 /// escapes decoded. Events written some other way (spaces around the colon) take a parse.
 pub fn delta_bytes(event: &str) -> u64 {
-    let at = event
-        .find(",\"delta\":\"")
+    static KEY: OnceLock<memmem::Finder<'static>> = OnceLock::new();
+    let key = KEY.get_or_init(|| memmem::Finder::new(b",\"delta\":\""));
+    let at = key
+        .find(event.as_bytes())
         .map(|i| i + 10)
         .or_else(|| event.strip_prefix("{\"delta\":\"").map(|_| 10));
     match at {
@@ -29,6 +35,10 @@ fn decoded_len(body: &[u8]) -> Option<u64> {
     let mut n: u64 = 0;
     let mut i = 0;
     while i < body.len() {
+        // Plain bytes up to the next quote or escape count as themselves.
+        let run = memchr::memchr2(b'"', b'\\', &body[i..])?;
+        n += run as u64;
+        i += run;
         match body[i] {
             b'"' => return Some(n),
             b'\\' => {
