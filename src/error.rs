@@ -51,6 +51,8 @@ pub struct RelayError {
     pub code: String,
     pub message: String,
     pub param: Option<String>,
+    /// The upstream's `Retry-After`, carried to the client (§3 `headers`) and to the breaker.
+    pub retry_after: Option<String>,
 }
 
 impl RelayError {
@@ -64,6 +66,7 @@ impl RelayError {
             message: code.replace('_', " "),
             code,
             param: None,
+            retry_after: None,
         }
     }
 
@@ -74,6 +77,11 @@ impl RelayError {
 
     pub fn param(mut self, param: impl Into<String>) -> Self {
         self.param = Some(param.into());
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: impl Into<String>) -> Self {
+        self.retry_after = Some(seconds.into());
         self
     }
 
@@ -98,15 +106,20 @@ impl RelayError {
         .message(message)
     }
 
-    /// The WebSocket error frame of this error (SPEC §3).
+    /// The WebSocket error frame of this error (SPEC §3), with the upstream's `retry-after`
+    /// as top-level `headers` when there is one (where Codex reads it).
     pub fn ws_frame(&self) -> serde_json::Value {
-        crate::protocol::frames::ws_error(
+        let mut frame = crate::protocol::frames::ws_error(
             self.status,
             self.kind,
             &self.code,
             &self.message,
             self.param.as_deref(),
-        )
+        );
+        if let (Some(v), Some(obj)) = (&self.retry_after, frame.as_object_mut()) {
+            obj.insert("headers".into(), serde_json::json!({ "retry-after": v }));
+        }
+        frame
     }
 
     /// 400 `invalid_request_error` caused by the client.

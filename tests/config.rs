@@ -246,6 +246,7 @@ fn spec2_defaults() {
         assert_eq!(s.queue_depth, 1);
         assert_eq!(s.cancel_grace, Duration::from_secs(2));
         assert_eq!(s.admission_timeout, Duration::from_secs(30));
+        assert_eq!(s.http_session_ttl, Duration::from_secs(1800));
         assert_eq!(cfg.usage.flush_interval, Duration::from_secs(1));
         assert_eq!(cfg.usage.prices, None);
     }
@@ -539,9 +540,10 @@ fn op4_every_bad_value_names_its_path() {
         ),
         ("session: {pump_channel: -1}".into(), "session.pump_channel"),
         (
-            "session: {http_session_ttl: 30m}".into(),
+            "session: {http_session_ttl: 0s}".into(),
             "session.http_session_ttl",
         ),
+        ("session: {lanes: 2}".into(), "session.lanes"),
         ("upstream: 5".into(), "upstream"),
         (
             "upstream: {ping_interval: 20}".into(),

@@ -372,6 +372,9 @@ pub struct SessionConfig {
     /// How long a turn waits for an account slot or context, then 503 `no_capacity` (SC-3).
     #[serde(deserialize_with = "value::duration")]
     pub admission_timeout: Duration,
+    /// An HTTP session's transcript is dropped after this long without a request (HS-2).
+    #[serde(deserialize_with = "value::duration")]
+    pub http_session_ttl: Duration,
 }
 
 /// TP-5: a new `response.create` while a turn runs.
@@ -400,6 +403,7 @@ impl Default for SessionConfig {
             queue_depth: 1,
             cancel_grace: Duration::from_secs(2),
             admission_timeout: Duration::from_secs(30),
+            http_session_ttl: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -145,6 +145,7 @@ fn check_session(cfg: &Config, c: &mut Checker<'_>) {
         ("first_message_timeout", s.first_message_timeout),
         ("cancel_grace", s.cancel_grace),
         ("admission_timeout", s.admission_timeout),
+        ("http_session_ttl", s.http_session_ttl),
     ] {
         if value.is_zero() {
             c.error(format!("session.{name}"), "must be greater than zero");

@@ -2,7 +2,9 @@
 //! paths ([`ws`]) and the operations endpoints ([`ops`]); and the process around it: the usage
 //! flusher, SIGHUP (price reload) and SIGTERM (sessions closed, usage flushed, exit 0).
 
+pub mod auth;
 pub mod embedded;
+pub mod http;
 pub mod ops;
 pub mod ws;
 
@@ -42,6 +44,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// The running sessions, so shutdown can wait for their records.
     pub sessions: TaskTracker,
+    /// HTTP sessions by session key (HS-2).
+    pub http_sessions: http::HttpSessions,
     /// Cancelled once the sessions are closed: the flusher writes what is left and stops.
     flush_stop: CancellationToken,
 }
@@ -161,7 +165,7 @@ impl App {
         let budget = Arc::new(TranscriptBudget::new(total));
         let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
         let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
-        Ok(Arc::new(App {
+        let app = Arc::new(App {
             cfg: Arc::new(cfg),
             pool,
             budget,
@@ -171,8 +175,32 @@ impl App {
             instance: hex::encode(rand::random::<[u8; 4]>()),
             shutdown,
             sessions: TaskTracker::new(),
+            http_sessions: http::HttpSessions::default(),
             flush_stop: CancellationToken::new(),
-        }))
+        });
+        app.start_http_reaper();
+        Ok(app)
+    }
+
+    /// HS-2: HTTP sessions idle past `session.http_session_ttl` end (their transcript with
+    /// them); checked a few times per TTL until shutdown.
+    fn start_http_reaper(self: &Arc<Self>) {
+        let ttl = self.cfg.session.http_session_ttl;
+        let every = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        let (app, stop) = (Arc::downgrade(self), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                match app.upgrade() {
+                    Some(app) => app.http_sessions.reap(ttl),
+                    None => return,
+                }
+            }
+        });
     }
 
     /// Flushes usage every `usage.flush_interval` until shutdown, then once more.
@@ -267,10 +295,13 @@ fn reload_prices(app: &App) {
 }
 
 fn routes(app: Arc<App>) -> Router {
+    let limit = usize::try_from(app.cfg.limits.max_client_message_bytes).unwrap_or(usize::MAX);
+    let responses = || get(ws::entry).post(http::create);
     Router::new()
-        .route("/v1/responses", get(ws::entry))
-        .route("/responses", get(ws::entry))
-        .route("/backend-api/codex/responses", get(ws::entry))
+        .route("/v1/responses", responses())
+        .route("/responses", responses())
+        .route("/backend-api/codex/responses", responses())
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -5,23 +5,20 @@
 //! tokio-tungstenite stream with deliberately sized buffers and the same frame types as the
 //! upstream side (events are forwarded without conversion).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use super::auth::{authenticate, refuse};
 use super::App;
-use crate::protocol::frames::http_error_body;
-use crate::session::{self, SessionParams};
-use crate::telemetry::metric;
+use crate::session::{self, ClientKind};
 use crate::tuning;
 use crate::upstream::Identity;
 
@@ -36,31 +33,10 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
             "This endpoint takes a WebSocket upgrade (GET with Upgrade: websocket, version 13).",
         );
     };
-    let presented = bearer(headers);
-    if presented.is_empty() {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "missing_api_key",
-            "No API key provided: send Authorization: Bearer <key>.",
-        );
-    }
-    let Some(key) = app.cfg.find_key(presented) else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "invalid_api_key",
-            "Incorrect API key provided.",
-        );
+    let key = match authenticate(&app, headers) {
+        Ok(key) => key,
+        Err(refusal) => return *refusal,
     };
-    if key.disabled {
-        return refuse(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "api_key_disabled",
-            "This API key is disabled.",
-        );
-    }
     if !app.cfg.ingress.websocket || !key.websocket {
         // WS-3: 426 makes Codex fall back to HTTP at once; never 404/405 here.
         return refuse(
@@ -70,19 +46,7 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
             "WebSocket is not enabled for this key; use HTTP POST /v1/responses.",
         );
     }
-    let id = app.next_session.fetch_add(1, Ordering::Relaxed);
-    let params = SessionParams {
-        cfg: app.cfg.clone(),
-        pool: app.pool.clone(),
-        budget: app.budget.clone(),
-        key_id: key.id.clone(),
-        identity: Identity::from_headers(headers),
-        id,
-        tag: format!("{}-{id}", app.instance),
-        usage: app.usage.clone(),
-        state: app.state.clone(),
-        shutdown: app.shutdown.clone(),
-    };
+    let params = app.session_params(ClientKind::WebSocket, key, Identity::from_headers(headers));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = client_ws_config(params.cfg.limits.max_client_message_bytes);
     app.sessions.spawn(async move {
@@ -144,21 +108,4 @@ fn switching_protocols(accept: &str) -> Response {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     resp
-}
-
-fn bearer(h: &HeaderMap) -> &str {
-    h.get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or("")
-}
-
-fn refuse(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
-    metrics::counter!(metric::UPGRADES_REFUSED, "status" => status.as_u16().to_string())
-        .increment(1);
-    (status, Json(http_error_body(kind, code, message, None))).into_response()
 }

@@ -36,8 +36,19 @@ use record::Read;
 use transcript::{Transcript, TranscriptBudget};
 use turn::Turn;
 
+/// Who is on the client side of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// A client WebSocket: pinged, closed when idle (WS-8).
+    WebSocket,
+    /// The HTTP ingress's channels: no pings; the ingress ends the session after
+    /// `session.http_session_ttl` (HS-2).
+    Http,
+}
+
 /// What a session is started with.
 pub struct SessionParams {
+    pub kind: ClientKind,
     pub cfg: Arc<Config>,
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
@@ -114,16 +125,27 @@ pub async fn run<S>(p: SessionParams, ws: WebSocketStream<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let span = tracing::info_span!("session", id = p.id, key = %p.key_id);
-    run_session(p, ws).instrument(span).await
+    let (sink, stream) = ws.split();
+    run_io(p, sink, stream).await
 }
 
-async fn run_session<S>(p: SessionParams, ws: WebSocketStream<S>)
+/// Runs a session over any pair of frame streams: a client WebSocket, or the HTTP ingress's
+/// in-process channels (one session per HTTP session key, HS-2).
+pub async fn run_io<Si, St>(p: SessionParams, sink: Si, stream: St)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Si: futures::Sink<Message, Error = tungstenite::Error> + Send + 'static,
+    St: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
+{
+    let span = tracing::info_span!("session", id = p.id, key = %p.key_id);
+    run_session(p, sink, stream).instrument(span).await
+}
+
+async fn run_session<Si, St>(p: SessionParams, sink: Si, mut stream: St)
+where
+    Si: futures::Sink<Message, Error = tungstenite::Error> + Send + 'static,
+    St: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
 {
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).increment(1.0);
-    let (sink, mut stream) = ws.split();
     let out = Outbox::new(sink, p.cfg.session.pump_channel);
     let every = p.cfg.session.client_ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
@@ -175,9 +197,9 @@ where
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
             _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
-            _ = ping.tick() => Wake::Ping,
+            _ = ping.tick(), if s.p.kind == ClientKind::WebSocket => Wake::Ping,
             _ = shutdown.cancelled() => Wake::Shutdown,
-            _ = &mut idle, if s.turn.is_none() => Wake::Idle,
+            _ = &mut idle, if s.turn.is_none() && s.p.kind == ClientKind::WebSocket => Wake::Idle,
         };
         let wake = match (wake, s.silent_at) {
             // Fired for a deadline that events have since pushed back: wait for the new one.

@@ -1,0 +1,90 @@
+//! The relay's own API keys, checked before any work (WS-2; the same for HTTP requests), and
+//! the parameters a new session starts with.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use super::App;
+use crate::config::KeyConfig;
+use crate::protocol::frames::http_error_body;
+use crate::session::{ClientKind, SessionParams};
+use crate::telemetry::metric;
+use crate::upstream::Identity;
+
+/// The key presented as `Authorization: Bearer <key>`, or a refusal: 401 when missing or
+/// unknown, 403 when disabled (an OpenAI-shaped JSON body either way).
+pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<&'a KeyConfig, Box<Response>> {
+    let presented = bearer(headers);
+    if presented.is_empty() {
+        return Err(Box::new(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing_api_key",
+            "No API key provided: send Authorization: Bearer <key>.",
+        )));
+    }
+    let Some(key) = app.cfg.find_key(presented) else {
+        return Err(Box::new(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided.",
+        )));
+    };
+    if key.disabled {
+        return Err(Box::new(refuse(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "api_key_disabled",
+            "This API key is disabled.",
+        )));
+    }
+    Ok(key)
+}
+
+fn bearer(h: &HeaderMap) -> &str {
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// An error answer before any session exists.
+pub fn refuse(status: StatusCode, kind: &str, code: &str, message: &str) -> Response {
+    metrics::counter!(metric::UPGRADES_REFUSED, "status" => status.as_u16().to_string())
+        .increment(1);
+    (status, Json(http_error_body(kind, code, message, None))).into_response()
+}
+
+impl App {
+    /// What a new session of `key` starts with.
+    pub fn session_params(
+        self: &Arc<Self>,
+        kind: ClientKind,
+        key: &KeyConfig,
+        identity: Identity,
+    ) -> SessionParams {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        SessionParams {
+            kind,
+            cfg: self.cfg.clone(),
+            pool: self.pool.clone(),
+            budget: self.budget.clone(),
+            key_id: key.id.clone(),
+            identity,
+            id,
+            tag: format!("{}-{id}", self.instance),
+            usage: self.usage.clone(),
+            state: self.state.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
