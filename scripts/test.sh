@@ -118,7 +118,7 @@ pinned_openai() {
 venv_satisfied() {
     local want="$1"
     [[ -x "$VENV/bin/python" ]] &&
-        "$VENV/bin/python" -c "import sys, openai, pydantic; sys.exit(0 if openai.__version__ == '$want' else 1)" \
+        "$VENV/bin/python" -c "import sys, openai, pydantic, websockets; sys.exit(0 if openai.__version__ == '$want' else 1)" \
             >/dev/null 2>&1
 }
 

@@ -147,7 +147,10 @@ fn request_headers(account: &AccountConfig, identity: &Identity) -> Result<Heade
     let bearer = HeaderValue::from_str(&format!("Bearer {}", account.api_key().expose()))
         .map_err(|_| internal("account api_key is not a valid header value".into()))?;
     h.insert(header::AUTHORIZATION, bearer);
-    h.insert(header::ACCEPT, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::ACCEPT,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -269,7 +272,7 @@ const ERROR_KINDS: &[&str] = &[
 ];
 
 fn error_kind(kind: Option<&str>, status: u16) -> &'static str {
-    if let Some(known) = kind.and_then(|k| ERROR_KINDS.iter().find(|&&known| known == k)) {
+    if let Some(known) = kind.and_then(|k| ERROR_KINDS.iter().copied().find(|&known| known == k)) {
         return known;
     }
     match status {

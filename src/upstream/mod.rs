@@ -3,10 +3,12 @@
 //! with one task for its life ([`conn`]), dialed with the client's identity ([`identity`]).
 
 pub mod conn;
+pub mod http;
 pub mod identity;
 pub mod lease;
 pub mod maintain;
 pub mod pool;
+pub mod sse;
 pub mod stats;
 
 pub use conn::{ConnSettings, UpEnd, UpFrame};

@@ -291,8 +291,8 @@ mod tests {
     #[test]
     fn tm1_sse_fields_and_comments() {
         let got = parse(&[
-            b": only a comment\n\nevent: e\n\n",                 // no data: nothing
-            b"data:  two spaces\n\ndata:\n\n",                   // one space stripped
+            b": only a comment\n\nevent: e\n\n", // no data: nothing
+            b"data:  two spaces\n\ndata:\n\n",   // one space stripped
             b"event: a\nevent: b\ndata: x\n\ndata: {\"k\":1}\n\n", // last event name wins
         ]);
         assert_eq!(
