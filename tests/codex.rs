@@ -283,6 +283,61 @@ async fn codex_tool_round_trip_through_the_relay() {
     );
 }
 
+/// Issue 9: Codex with `supports_websockets = false` completes a tool round trip over the
+/// relay's HTTP/SSE ingress (HS-1, HS-2); the relay bridges to a pooled upstream WebSocket
+/// (HS-5, TM-2): the upstream sees `response.create` frames, never `stream`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_tool_round_trip_over_http_through_the_relay() {
+    let Some(bin) = codex_bin_or_skip("codex_tool_round_trip_over_http_through_the_relay") else {
+        return;
+    };
+    let m = mock().await;
+    let store = tempfile::tempdir().expect("store dir");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: ctx_pool\nstore:\n  path: {}\n",
+        m.base_url(),
+        store.path().join("usage.db").display()
+    );
+    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
+    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    let run = run_codex_with(
+        &bin,
+        &format!("http://{}/v1", relay.addr),
+        "relay-key",
+        PROMPT,
+        false,
+    )
+    .await;
+    let log = m.log();
+    let ctx = format!("{}\n--- mock ---\n{}", run.summary(), dump_log(&log));
+    assert_tool_round_trip(&run);
+    assert!(
+        log.http_requests == 0,
+        "bridged to WebSocket upstream\n{ctx}"
+    );
+    assert!(log.requests.len() >= 2, "prompt and tool output\n{ctx}");
+    for r in &log.requests {
+        assert_eq!(r.body["type"], "response.create", "{ctx}");
+        assert!(
+            r.body.get("stream").is_none(),
+            "HS-5: no stream on a frame\n{ctx}"
+        );
+    }
+    let call_id = echo_call_id(&run);
+    let last = &log.requests.last().expect("requests").body;
+    let outputs = items_of(last, "function_call_output");
+    assert_eq!(outputs.len(), 1, "{ctx}");
+    assert_eq!(
+        outputs[0]["call_id"].as_str(),
+        Some(call_id.as_str()),
+        "{ctx}"
+    );
+    assert!(
+        log.stream_ends.iter().all(|e| e.end == "completed"),
+        "{ctx}"
+    );
+}
+
 /// The same against `switchyard serve` with no config: the embedded mock upstream and the
 /// printed dev key are enough for Codex.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
