@@ -10,7 +10,7 @@ use serde_json::json;
 use super::*;
 use crate::mock::{MockOptions, MockState, MockUpstream};
 
-const GUARD: Duration = Duration::from_secs(30);
+pub(super) const GUARD: Duration = Duration::from_secs(30);
 
 fn limits() -> HttpLimits {
     HttpLimits {
@@ -20,7 +20,7 @@ fn limits() -> HttpLimits {
     }
 }
 
-fn create(text: &str) -> Map<String, Value> {
+pub(super) fn create(text: &str) -> Map<String, Value> {
     let v = json!({"type": "response.create", "model": "gpt-test", "generate": true,
         "input": [{"type": "message", "role": "user",
                    "content": [{"type": "input_text", "text": text}]}]});
@@ -64,7 +64,7 @@ fn types(events: &[Value]) -> Vec<&str> {
     events.iter().filter_map(|e| e["type"].as_str()).collect()
 }
 
-async fn eventually(cond: impl Fn() -> bool) {
+pub(super) async fn eventually(cond: impl Fn() -> bool) {
     tokio::time::timeout(GUARD, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -75,7 +75,7 @@ async fn eventually(cond: impl Fn() -> bool) {
 }
 
 /// Writes events as JSONL for `scripts/check_events.py` (when the test script asks for it).
-fn dump(name: &str, events: &[Value]) {
+pub(super) fn dump(name: &str, events: &[Value]) {
     let Ok(dir) = std::env::var("SWITCHYARD_EVENT_DUMP_DIR") else {
         return;
     };
@@ -308,35 +308,6 @@ async fn hs5_retry_after_is_carried_over() {
     assert_eq!((e.side, e.retry), (Side::UpstreamProtocol, Retry::No));
 }
 
-#[test]
-fn ct11_error_bodies_of_every_shape() {
-    let e = upstream_error(
-        503,
-        br#"{"error":{"type":"weird_error","code":null,"message":"busy"}}"#,
-        None,
-    );
-    assert_eq!(
-        (e.status, e.kind, e.code.as_str(), e.message.as_str()),
-        (503, "server_error", "upstream_error", "busy")
-    );
-    let e = upstream_error(
-        400,
-        br#"{"error":{"code":"websocket_connection_limit_reached"}}"#,
-        None,
-    );
-    assert_eq!(e.retry, Retry::BeforeOutput);
-    let e = upstream_error(404, b"", None);
-    assert_eq!(
-        (e.status, e.kind, e.message.as_str()),
-        (404, "invalid_request_error", "upstream answered 404")
-    );
-    let e = upstream_error(403, br#"{"error":{"type":"permission_error","code":"unsupported_country","message":"no","param":"model"}}"#, Some("1".into()));
-    assert_eq!(
-        (e.kind, e.param.as_deref(), e.retry_after.as_deref()),
-        ("permission_error", Some("model"), Some("1"))
-    );
-}
-
 /// CT-9/CT-10: a refused connection and a server that never answers are upstream I/O,
 /// retryable before output like a failed dial.
 #[tokio::test]
@@ -346,14 +317,19 @@ async fn ct9_unreachable_or_silent_upstream_is_retryable_io() {
         .expect("bind");
     let closed = format!("http://{}/v1", listener.local_addr().expect("addr"));
     drop(listener);
-    let e = start(&AccountConfig::new("a", closed, "k"), create("hi"))
-        .await
-        .expect_err("refused");
-    assert_eq!(
-        (e.side, e.retry, e.status),
-        (Side::UpstreamIo, Retry::BeforeOutput, 502)
-    );
-    assert_eq!(e.code, "upstream_connection_lost");
+    // The `https` form proves TLS is built in: without it reqwest refuses the URL itself.
+    for base in [closed.clone(), closed.replace("http:", "https:")] {
+        let e = start(&AccountConfig::new("a", base, "k"), create("hi"))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            (e.side, e.retry, e.status),
+            (Side::UpstreamIo, Retry::BeforeOutput, 502),
+            "{e}"
+        );
+        assert_eq!(e.code, "upstream_connection_lost");
+        assert!(e.message.contains("refused"), "{e}");
+    }
 
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -376,9 +352,88 @@ async fn ct9_unreachable_or_silent_upstream_is_retryable_io() {
     drop(silent);
 }
 
-/// CT-9: a stream cut after 3 events yields those 3, then one `Ended(Io)`.
+/// A server that reads one request whole, writes `response` and then drops the socket: a
+/// TCP cut at a chosen byte.
+async fn cut_after(response: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.expect("accept");
+        let mut req = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read the whole request first, so the close is a FIN and not a reset.
+        while !request_complete(&req) {
+            let n = sock.read(&mut buf).await.expect("read");
+            assert!(n > 0, "request cut");
+            req.extend_from_slice(&buf[..n]);
+        }
+        sock.write_all(response.as_bytes()).await.expect("write");
+        sock.flush().await.expect("flush");
+    });
+    base
+}
+
+fn request_complete(req: &[u8]) -> bool {
+    let Some(end) = req.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&req[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    req.len() >= end + 4 + len
+}
+
+/// CT-9: a stream cut after 3 events (mid-body, no chunked end) yields those 3, then one
+/// `Ended(Io)`.
 #[tokio::test]
-async fn ct9_stream_cut_midway_ends_with_io() {
+async fn ct9_stream_cut_midway_ends_with_io_after_the_events() {
+    let mut response = String::from(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    );
+    for (i, kind) in [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let event =
+            format!("event: {kind}\ndata: {{\"type\":\"{kind}\",\"sequence_number\":{i}}}\n\n");
+        response.push_str(&format!("{:x}\r\n{event}\r\n", event.len()));
+    }
+    let base = cut_after(response).await;
+    let mut turn = start(&AccountConfig::new("a", base, "k"), create("hi"))
+        .await
+        .expect("start");
+    let frames = drain(&mut turn).await;
+    assert_eq!(frames.len(), 4, "{frames:?}");
+    assert_eq!(
+        types(&events(&frames)),
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added"
+        ]
+    );
+    assert!(
+        matches!(&frames[3], UpFrame::Ended(UpEnd::Io(_))),
+        "{:?}",
+        frames[3]
+    );
+}
+
+/// CT-9 against the mock's `eof after=3`: the turn ends with `Ended(Io)`, never silently and
+/// never as a terminal. (The mock's HTTP side fails its body right after queueing the events,
+/// and hyper drops the unflushed ones, so fewer than 3 reach the wire.)
+#[tokio::test]
+async fn ct9_mock_eof_fault_ends_with_io() {
     let (_mock, account) = mock().await;
     let mut turn = start(
         &account,
@@ -387,12 +442,10 @@ async fn ct9_stream_cut_midway_ends_with_io() {
     .await
     .expect("start");
     let frames = drain(&mut turn).await;
-    assert_eq!(frames.len(), 4, "{frames:?}");
-    assert_eq!(events(&frames).len(), 3);
+    assert!(frames.len() <= 4, "{frames:?}");
     assert!(
-        matches!(&frames[3], UpFrame::Ended(UpEnd::Io(_))),
-        "{:?}",
-        frames[3]
+        matches!(frames.last(), Some(UpFrame::Ended(UpEnd::Io(_)))),
+        "{frames:?}"
     );
 }
 
@@ -418,196 +471,4 @@ async fn hs4_cancel_closes_the_upstream_request() {
     let end = &mock.log().stream_ends[0];
     assert_eq!(end.end, "client_closed");
     assert!(end.sent < end.planned, "{end:?}");
-}
-
-/// The body reader over scripted chunks: byte-exact data, backpressure, EOF rules.
-fn chunks(parts: &[&str]) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Unpin {
-    let owned: Vec<Result<Bytes, std::io::Error>> = parts
-        .iter()
-        .map(|p| Ok(Bytes::copy_from_slice(p.as_bytes())))
-        .collect();
-    futures::stream::iter(owned)
-}
-
-async fn read_all(parts: &[&str]) -> (ReadEnd, Vec<String>) {
-    let (tx, mut rx) = mpsc::channel(64);
-    let end = read_events(&mut chunks(parts), &tx, 1 << 20).await;
-    drop(tx);
-    let mut got = Vec::new();
-    while let Some(UpFrame::Event(t)) = rx.recv().await {
-        got.push(t.to_string());
-    }
-    (end, got)
-}
-
-#[tokio::test]
-async fn tm1_reader_keeps_bytes_and_stops_at_the_terminal() {
-    let created = r#"{"type":"response.created",  "spacing":"kept"}"#;
-    let done = r#"{"type":"response.completed","response":{}}"#;
-    let parts = [
-        "event: response.created\r\ndata: ",
-        created,
-        "\r\n\r\n: ping\n\nevent: response.completed\ndata: ",
-        done,
-        "\n\nevent: late\ndata: {\"type\":\"late\"}\n\n",
-    ];
-    let (end, got) = read_all(&parts).await;
-    assert_eq!(end, ReadEnd::Terminal);
-    assert_eq!(got, [created, done]);
-}
-
-/// CT-9: EOF without a terminal is a lost upstream; a whole last event without its blank line
-/// still counts, a cut-off one is dropped; `[DONE]` is not an event.
-#[tokio::test]
-async fn ct9_reader_end_of_body_rules() {
-    let (end, got) = read_all(&["data: {\"type\":\"response.in_progress\"}\n\n"]).await;
-    assert!(matches!(end, ReadEnd::Lost(UpEnd::Io(_))));
-    assert_eq!(got.len(), 1);
-    let (end, got) = read_all(&["data: {\"type\":\"error\",\"code\":\"x\"}"]).await;
-    assert_eq!((end, got.len()), (ReadEnd::Terminal, 1));
-    let (end, got) =
-        read_all(&["data: {\"type\":\"a\"}\n\ndata: {\"type\":\"response.compl"]).await;
-    assert!(matches!(end, ReadEnd::Lost(UpEnd::Io(_))));
-    assert_eq!(got, [r#"{"type":"a"}"#]);
-    let (end, got) = read_all(&["data: [DONE]\n\n"]).await;
-    assert!(matches!(end, ReadEnd::Lost(UpEnd::Io(_))));
-    assert!(got.is_empty());
-}
-
-#[tokio::test]
-async fn tm1_reader_oversized_event_and_broken_body() {
-    let (tx, _rx) = mpsc::channel(4);
-    let big = format!("data: {}\n\n", "x".repeat(100));
-    let end = read_events(&mut chunks(&[&big]), &tx, 64).await;
-    assert_eq!(end, ReadEnd::Lost(UpEnd::TooBig));
-    let broken = futures::stream::iter(vec![
-        Ok(Bytes::from_static(b"data: {\"type\":\"a\"}\n\n")),
-        Err(std::io::Error::other("connection reset")),
-    ]);
-    let end = read_events(&mut Box::pin(broken), &tx, 64).await;
-    assert!(
-        matches!(&end, ReadEnd::Lost(UpEnd::Io(m)) if m.contains("connection reset")),
-        "{end:?}"
-    );
-}
-
-/// TP-2: with a full channel the reader waits; a receiver that leaves ends it quietly.
-#[tokio::test]
-async fn tp2_reader_waits_for_room_and_notices_the_receiver_leaving() {
-    let (tx, mut rx) = mpsc::channel(1);
-    let parts = ["data: {\"type\":\"a\"}\n\ndata: {\"type\":\"b\"}\n\ndata: {\"type\":\"c\"}\n\n"];
-    let reader = tokio::spawn(async move { read_events(&mut chunks(&parts), &tx, 1 << 20).await });
-    let first = tokio::time::timeout(GUARD, rx.recv())
-        .await
-        .expect("hang guard");
-    assert!(matches!(first, Some(UpFrame::Event(t)) if t == r#"{"type":"a"}"#));
-    // `b` takes the one slot; `c` waits for room, so the reader cannot be done.
-    eventually(|| rx.len() == 1).await;
-    assert!(!reader.is_finished());
-    drop(rx);
-    let end = tokio::time::timeout(GUARD, reader)
-        .await
-        .expect("hang guard")
-        .expect("join");
-    assert_eq!(end, ReadEnd::Gone);
-}
-
-#[test]
-fn hs5_request_body_and_headers() {
-    let body: Value =
-        serde_json::from_slice(&request_body(create("x")).expect("body")).expect("json");
-    assert_eq!(body["stream"], true);
-    assert!(body.get("type").is_none() && body.get("generate").is_none());
-    let mut account = AccountConfig::new("a", "http://h/v1", "sk-1");
-    account.headers.insert("OpenAI-Beta".into(), "x".into());
-    let h = request_headers(&account, &Identity::default()).expect("headers");
-    assert!(h.get("openai-beta").is_none());
-    assert_eq!(
-        h.get("authorization").and_then(|v| v.to_str().ok()),
-        Some("Bearer sk-1")
-    );
-}
-
-/// CT-5 (§3): the two synthetic warm-up frames, exactly.
-#[test]
-fn ct5_synthetic_warmup_frames() {
-    let mut req = create("hi");
-    req.insert("generate".into(), json!(false));
-    req.insert(
-        "tools".into(),
-        json!([{"type": "function", "name": "f", "parameters": {}, "strict": false}]),
-    );
-    req.insert("parallel_tool_calls".into(), json!(false));
-    let [a, b] = synthetic_warmup(&req);
-    assert!(a.starts_with(r#"{"type":"response.created","sequence_number":0,"#));
-    assert!(b.starts_with(r#"{"type":"response.completed","sequence_number":1,"#));
-    let (a, b): (Value, Value) = (
-        serde_json::from_str(&a).expect("a"),
-        serde_json::from_str(&b).expect("b"),
-    );
-    let (ra, rb) = (&a["response"], &b["response"]);
-    let id = ra["id"].as_str().expect("id");
-    assert!(
-        id.starts_with("resp_sy_")
-            && id.len() > 20
-            && id[8..].bytes().all(|c| c.is_ascii_hexdigit())
-    );
-    assert_eq!(rb["id"], ra["id"]);
-    assert_eq!(
-        (&ra["status"], &rb["status"]),
-        (&json!("in_progress"), &json!("completed"))
-    );
-    assert!(ra["created_at"].as_u64().is_some_and(|t| t > 1_700_000_000));
-    assert_eq!(ra["model"], "gpt-test");
-    assert_eq!(
-        (&ra["object"], &ra["output"]),
-        (&json!("response"), &json!([]))
-    );
-    assert_eq!(ra["tools"], req["tools"]);
-    assert_eq!(
-        (&ra["tool_choice"], &ra["parallel_tool_calls"]),
-        (&json!("auto"), &json!(false))
-    );
-    assert!(ra["usage"].is_null());
-    assert_eq!(
-        rb["usage"],
-        json!({"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0},
-               "output_tokens": 0, "output_tokens_details": {"reasoning_tokens": 0},
-               "total_tokens": 0})
-    );
-    let mut expect = ra.clone();
-    expect["status"] = json!("completed");
-    expect["usage"] = rb["usage"].clone();
-    assert_eq!(&expect, rb, "R' is R with status and usage");
-    dump("unit_http_warmup", &[a.clone(), b.clone()]);
-
-    // Defaults when the request leaves them out.
-    let [a, _] = synthetic_warmup(&create("hi"));
-    let a: Value = serde_json::from_str(&a).expect("a");
-    assert_eq!(
-        (
-            &a["response"]["tools"],
-            &a["response"]["tool_choice"],
-            &a["response"]["parallel_tool_calls"]
-        ),
-        (&json!([]), &json!("auto"), &json!(true))
-    );
-    assert_ne!(a["response"]["id"], id, "fresh id per warm-up");
-}
-
-#[tokio::test]
-async fn zz_probe_raw_eof() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mock, _account) = mock().await;
-    let body = serde_json::to_vec(
-        &request_body(create("hi [[mock:text 20]] [[mock:fault eof after=3]]")).unwrap(),
-    )
-    .unwrap();
-    let body = String::from_utf8(body).unwrap();
-    let mut s = tokio::net::TcpStream::connect(mock.addr).await.unwrap();
-    let req = format!("POST /v1/responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer k\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}", body.len(), body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let r = s.read_to_end(&mut out).await;
-    eprintln!("RAW {r:?} {}", String::from_utf8_lossy(&out));
 }
