@@ -47,6 +47,7 @@ fn turn() -> Turn {
         body: body.as_object().cloned().unwrap_or_default(),
         chained: false,
         retry_budget: 1,
+        http: false,
     })
 }
 

@@ -463,10 +463,6 @@ fn op4_every_bad_value_names_its_path() {
             "accounts[0].api_key",
         ),
         (
-            format!("accounts: [{{{acct}, mode: http}}]"),
-            "accounts[0].mode",
-        ),
-        (
             format!("accounts: [{{{acct}, mode: passthrough}}]"),
             "accounts[0].mode",
         ),
@@ -590,7 +586,10 @@ fn op4_every_bad_value_names_its_path() {
             "upstream.stream_idle_timeout",
         ),
         // Keys named in the SPEC arrive with their behaviour, not before.
-        ("upstream: {force_http: true}".into(), "upstream.force_http"),
+        (
+            "upstream: {force_http: maybe}".into(),
+            "upstream.force_http",
+        ),
         (
             "upstream: {ws_fallback_cooldown: 30s}".into(),
             "upstream.ws_fallback_cooldown",
@@ -607,7 +606,6 @@ fn op4_every_bad_value_names_its_path() {
             "upstream: {retry_budget: 1.5}".into(),
             "upstream.retry_budget",
         ),
-        ("upstream: {force_http: true}".into(), "upstream.force_http"),
         (
             "upstream: {pingInterval: 5s}".into(),
             "upstream.pingInterval",

@@ -297,6 +297,8 @@ pub struct UpstreamConfig {
     pub max_age: Duration,
     /// Warm idle contexts kept dialed per account (UP-7).
     pub min_idle: usize,
+    /// Every account uses the `http` transport upstream; ingress is unaffected (TM-1).
+    pub force_http: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -310,6 +312,7 @@ impl Default for UpstreamConfig {
             retry_budget: 1,
             max_age: Duration::from_secs(55 * 60),
             min_idle: 0,
+            force_http: false,
         }
     }
 }

@@ -52,19 +52,22 @@ impl fmt::Display for Secret {
 }
 
 /// How an account talks to its upstream (SPEC §2 `accounts[].mode`). Only `ctx_pool` exists so
-/// far; `passthrough` and `http` are named in the SPEC but refused until their transports land,
-/// so a config never silently selects a transport that does not exist.
+/// far; `passthrough` is named in the SPEC but refused until its transport lands, so a config
+/// never silently selects a transport that does not exist.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum AccountMode {
     /// Pooled upstream WebSocket contexts, bound to conversations (§5).
     #[default]
     CtxPool,
+    /// Upstream `POST /responses` with SSE, one request per turn (TM-1).
+    Http,
 }
 
 impl AccountMode {
     pub const fn as_str(self) -> &'static str {
         match self {
             AccountMode::CtxPool => "ctx_pool",
+            AccountMode::Http => "http",
         }
     }
 }
@@ -80,11 +83,12 @@ impl<'de> Deserialize<'de> for AccountMode {
         let name = String::deserialize(d)?;
         match name.as_str() {
             "ctx_pool" => Ok(AccountMode::CtxPool),
-            "passthrough" | "http" => Err(de::Error::custom(format!(
+            "http" => Ok(AccountMode::Http),
+            "passthrough" => Err(de::Error::custom(format!(
                 "mode \"{name}\" is not available yet (it arrives in a later version); use ctx_pool"
             ))),
             _ => Err(de::Error::custom(format!(
-                "unknown variant \"{name}\", expected ctx_pool"
+                "unknown variant \"{name}\", expected ctx_pool or http"
             ))),
         }
     }

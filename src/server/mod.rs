@@ -37,6 +37,8 @@ pub struct App {
     pub usage: Arc<Recorder>,
     /// Shared state (SC-7); the `memory` backend until Redis arrives.
     pub state: Arc<dyn StateStore>,
+    /// The upstream HTTP client for `http` accounts.
+    pub http_client: reqwest::Client,
     pub next_session: AtomicU64,
     /// This process's name in usage records' session ids, so they stay unique across restarts.
     pub instance: String,
@@ -165,12 +167,14 @@ impl App {
         let budget = Arc::new(TranscriptBudget::new(total));
         let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
         let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
+        let http_client = crate::upstream::http::client(cfg.upstream.dial_timeout)?;
         let app = Arc::new(App {
             cfg: Arc::new(cfg),
             pool,
             budget,
             usage,
             state: Arc::new(MemoryStore::default()),
+            http_client,
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),
             shutdown,

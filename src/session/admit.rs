@@ -21,6 +21,8 @@ pub(super) struct Admitted {
     pub slot: Option<Slot>,
     /// The leased context; none when the session's held one is used.
     pub lease: Option<Lease>,
+    /// An `http` turn's started request and the bytes it sent.
+    pub http: Option<(crate::upstream::http::HttpTurn, usize)>,
 }
 
 /// How long a turn slot is held at most without renewal (matters for shared backends only).
@@ -66,6 +68,9 @@ impl Session {
     /// Leases a context of `account` in the background (a dial when none is open); the turn
     /// already holds its slot.
     pub(super) fn lease(&mut self, account: AccountConfig) {
+        if self.turn.as_ref().is_some_and(|t| t.http) {
+            return self.start_http(account);
+        }
         let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
         let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
@@ -74,6 +79,7 @@ impl Session {
             Ok(Admitted {
                 slot: None,
                 lease: Some(lease),
+                http: None,
             })
         }));
     }
@@ -83,7 +89,8 @@ impl Session {
         let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         let store = self.p.state.clone();
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
-        let held = self.waiting_lease.is_some();
+        // An HTTP turn takes no context: its request starts once the slot is there.
+        let held = self.waiting_lease.is_some() || self.turn.as_ref().is_some_and(|t| t.http);
         self.dialing = Some(tokio::spawn(async move {
             let slot = wait_slot(&store, &scope, &account, deadline).await?;
             let lease = if held {
@@ -94,6 +101,7 @@ impl Session {
             Ok(Admitted {
                 slot: Some(slot),
                 lease,
+                http: None,
             })
         }));
     }
@@ -112,6 +120,14 @@ impl Session {
                         turn.mark_admitted();
                     }
                 }
+                if let Some((http, sent)) = a.http {
+                    return self.on_http_started(http, sent);
+                }
+                if let Some(account) = self.http_account() {
+                    // Admitted after waiting for a slot: now the request starts.
+                    self.start_http(account);
+                    return Step::Go;
+                }
                 let lease = a.lease.or(held);
                 if let Some(ts) = lease.as_ref().and_then(Lease::turn_state) {
                     self.upstream_turn_state = Some(ts);
@@ -121,11 +137,17 @@ impl Session {
             }
             // CT-9: a failed dial or handshake at turn start is retried like a lost upstream.
             Ok(Err(e)) if e.retry == Retry::BeforeOutput => self.retry_or_fail(e),
-            // A refusal of the relay's own (no capacity) goes to the client as it is.
+            // The upstream's own refusal of an HTTP request, or one of the relay's (no
+            // capacity): to the client as it is.
             Ok(Err(e)) => {
                 self.upstream = held;
                 self.out.push_json(&e.ws_frame());
-                self.end_turn(Ending::by_error(TurnStatus::Rejected, &e));
+                let status = if e.side == Side::UpstreamProtocol {
+                    TurnStatus::Error
+                } else {
+                    TurnStatus::Rejected
+                };
+                self.end_turn(Ending::by_error(status, &e));
                 Step::Go
             }
             Err(e) => self.fail_turn(
@@ -169,4 +191,17 @@ fn no_capacity(account: &AccountConfig) -> RelayError {
         "All {} turn slots of account {} stayed busy for session.admission_timeout.",
         account.concurrency, account.id
     ))
+}
+
+impl Session {
+    /// The running turn's account when it goes over HTTP.
+    fn http_account(&self) -> Option<AccountConfig> {
+        let turn = self.turn.as_ref().filter(|t| t.http)?;
+        self.p
+            .cfg
+            .accounts
+            .iter()
+            .find(|a| a.id == turn.account_id)
+            .cloned()
+    }
 }

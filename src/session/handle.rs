@@ -23,6 +23,7 @@ impl Session {
             Wake::Flushed(Err(_)) => Step::Gone,
             Wake::Dialed(r) => self.on_dialed(r).await,
             Wake::Upstream(f) => self.on_upstream_burst(f),
+            Wake::Http(f) => self.on_http(f),
             Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
             Wake::Shutdown => {
@@ -144,6 +145,7 @@ impl Session {
             self.transcript = None;
         }
         let chained = req.previous_response_id().is_some();
+        let http = super::http_turn::is_http(&account, self.p.cfg.upstream.force_http);
         let text = upstream_text(&req, &model);
         let mut body = req.body;
         body.insert("type".into(), Value::String("response.create".into()));
@@ -159,7 +161,15 @@ impl Session {
             body,
             chained,
             retry_budget: self.p.cfg.upstream.retry_budget,
+            http,
         }));
+        if http {
+            // A held WebSocket context is no use to an HTTP turn; it goes back to the pool.
+            self.upstream = None;
+            if self.turn.as_ref().is_some_and(|t| t.warm_up) {
+                return self.synthetic_warmup();
+            }
+        }
         if self
             .upstream
             .as_ref()

@@ -6,6 +6,7 @@
 
 mod admit;
 mod handle;
+mod http_turn;
 pub mod outbox;
 mod policy;
 mod pump;
@@ -59,6 +60,8 @@ pub struct SessionParams {
     pub tag: String,
     pub usage: Arc<Recorder>,
     pub state: Arc<dyn StateStore>,
+    /// The client for `http` accounts (one pool of upstream connections per relay).
+    pub http: reqwest::Client,
     /// Cancelled when the relay shuts down: the socket closes with 1012.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -70,6 +73,8 @@ enum Wake {
     Flushed(Result<(), tungstenite::Error>),
     Dialed(Result<Result<Admitted, RelayError>, tokio::task::JoinError>),
     Upstream(Option<UpFrame>),
+    /// A frame of the running turn's upstream HTTP request.
+    Http(Option<UpFrame>),
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
     Silence,
     Ping,
@@ -94,6 +99,8 @@ struct Session {
     last_model: Option<String>,
     last_response_id: Option<String>,
     upstream: Option<Lease>,
+    /// The running turn's upstream request on an `http` account.
+    http: Option<crate::upstream::http::HttpTurn>,
     /// The running turn's admission (slot, context) while it waits or dials.
     dialing: Option<tokio::task::JoinHandle<Result<Admitted, RelayError>>>,
     /// The session's context while its turn waits for a slot.
@@ -156,6 +163,7 @@ where
         last_model: None,
         last_response_id: None,
         upstream: None,
+        http: None,
         dialing: None,
         waiting_lease: None,
         queued: std::collections::VecDeque::new(),
@@ -196,6 +204,7 @@ where
             r = s.out.drain(), if s.out.busy() => Wake::Flushed(r),
             r = dial_done(&mut s.dialing), if s.dialing.is_some() => Wake::Dialed(r),
             f = next_event(&mut s.upstream), if s.upstream.is_some() && !s.out.has_pending() => Wake::Upstream(f),
+            f = next_http(&mut s.http), if s.http.is_some() && !s.out.has_pending() => Wake::Http(f),
             _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick(), if s.p.kind == ClientKind::WebSocket => Wake::Ping,
             _ = shutdown.cancelled() => Wake::Shutdown,
@@ -237,6 +246,13 @@ async fn dial_done(
 ) -> Result<Result<Admitted, RelayError>, tokio::task::JoinError> {
     match dialing {
         Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_http(http: &mut Option<crate::upstream::http::HttpTurn>) -> Option<UpFrame> {
+    match http {
+        Some(turn) => turn.recv().await,
         None => std::future::pending().await,
     }
 }

@@ -64,6 +64,8 @@ impl Session {
             d.abort();
         }
         self.waiting_lease = None;
+        // Dropping the HTTP request closes its connection (HS-4).
+        self.http = None;
     }
 
     /// Starts the next queued request once no turn runs.

@@ -2,7 +2,7 @@
 //! path and a full replay (CT-1, CT-2), forwarding events, and recovering from upstream faults
 //! before any output reached the client (CT-8, CT-9).
 
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::record::Ending;
 use super::transcript::{replay_body, Transcript};
@@ -48,8 +48,9 @@ impl Session {
         }
     }
 
-    fn request_for_context(&mut self) -> Result<String, RelayError> {
-        let (Some(turn), Some(up)) = (self.turn.as_mut(), self.upstream.as_ref()) else {
+    pub(super) fn request_for_context(&mut self) -> Result<String, RelayError> {
+        let holds = self.upstream.as_ref().and_then(|u| u.holds());
+        let Some(turn) = self.turn.as_mut() else {
             return Err(RelayError::new(
                 Side::Internal,
                 500,
@@ -61,7 +62,7 @@ impl Session {
             turn.fast_path = false;
             return Ok(turn.text.clone());
         }
-        if up.holds().is_some() && up.holds() == self.last_response_id {
+        if holds.is_some() && holds == self.last_response_id {
             turn.fast_path = true;
             return Ok(turn.text.clone());
         }
@@ -103,11 +104,15 @@ impl Session {
     }
 
     fn on_upstream(&mut self, f: Option<UpFrame>) -> Step {
-        let text = match f {
-            Some(UpFrame::Event(text)) => text,
-            Some(UpFrame::Ended(end)) => return self.upstream_ended(end),
-            None => return self.upstream_ended(UpEnd::Io("upstream reader ended".into())),
-        };
+        match f {
+            Some(UpFrame::Event(text)) => self.on_upstream_event(text),
+            Some(UpFrame::Ended(end)) => self.upstream_ended(end),
+            None => self.upstream_ended(UpEnd::Io("upstream reader ended".into())),
+        }
+    }
+
+    /// One upstream event of the running turn, from either transport.
+    pub(super) fn on_upstream_event(&mut self, text: Utf8Bytes) -> Step {
         let Some(turn) = self.turn.as_mut() else {
             tracing::debug!(bytes = text.len(), "upstream event outside a turn dropped");
             return Step::Go;
@@ -129,6 +134,7 @@ impl Session {
                 if let Some(up) = self.upstream.take() {
                     up.break_connection(UpEnd::Io(format!("upstream error {:?}", c.class)));
                 }
+                self.http = None;
                 let e = RelayError::upstream_lost(format!(
                     "upstream answered {:?} before any output",
                     c.class
@@ -168,6 +174,7 @@ impl Session {
         if let Some(up) = self.upstream.take() {
             up.break_connection(UpEnd::Silent);
         }
+        self.http = None;
         self.retry_or_fail(RelayError::upstream_lost(UpEnd::Silent.describe()))
     }
 
@@ -200,6 +207,7 @@ impl Session {
         if let Some(up) = self.upstream.take() {
             up.break_connection(UpEnd::Io("abandoned for a retry".into()));
         }
+        self.http = None;
         let account = crate::scheduler::pick(&self.p.cfg, &turn.model).cloned();
         match account {
             Some(a) => {
@@ -221,7 +229,7 @@ impl Session {
 
     /// After a terminal event: the transcript and `last_response_id` advance on
     /// completed/incomplete (SPEC §6); otherwise the context turns cold.
-    fn finish_turn(&mut self, o: Outcome) {
+    pub(super) fn finish_turn(&mut self, o: Outcome) {
         if matches!(o.status, TurnStatus::Completed | TurnStatus::Incomplete) {
             if let Some(turn) = self.turn.as_ref() {
                 let prior = if turn.chained {
@@ -267,6 +275,9 @@ impl Session {
         };
         self.silent_at = None;
         self.last_request = tokio::time::Instant::now();
+        // An HTTP request ends with its turn; dropping it lets its connection go back to the
+        // client's pool.
+        self.http = None;
         if let Some(up) = self.upstream.as_ref() {
             // Parked between turns: still ours, but another session may take it (UP-6).
             up.end_turn();

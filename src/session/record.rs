@@ -10,8 +10,14 @@ use crate::error::{RelayError, Side};
 use crate::telemetry::metric;
 use crate::usage::{self, Record, TimingsMs, Tokens};
 
-/// What the transport of a turn is called in records and metrics (the only one so far).
-const TRANSPORT: &str = "ctx_pool";
+/// What the transport of a turn is called in records and metrics.
+fn transport(http: bool) -> &'static str {
+    if http {
+        "http"
+    } else {
+        "ctx_pool"
+    }
+}
 
 /// A `response.create` as read: what its record needs whatever becomes of it.
 pub(super) struct Read {
@@ -67,7 +73,7 @@ impl Session {
     /// Closes the books on `turn`: metrics, the log line, and its usage record.
     pub(super) fn record_turn(&self, turn: &mut Turn, end: Ending) {
         let timings = turn.finish().clone();
-        observe(end.status, &timings);
+        observe(end.status, transport(turn.http), &timings);
         let (tokens, estimated) = turn.tokens(end.usage);
         let (error_class, error_side) = split(end.error);
         let r = Record {
@@ -79,7 +85,7 @@ impl Session {
             session: self.p.tag.clone(),
             seq: turn.seq,
             model: Some(turn.model.clone()),
-            transport: TRANSPORT.into(),
+            transport: transport(turn.http).into(),
             warm_up: turn.warm_up,
             status: end.status,
             cost_usd: self.p.usage.cost(Some(&turn.model), &tokens),
@@ -160,8 +166,8 @@ fn split(error: Option<(String, Option<Side>)>) -> (Option<String>, Option<Strin
 }
 
 /// TP-8's metrics for one turn.
-fn observe(status: TurnStatus, t: &TimingsMs) {
-    metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => TRANSPORT)
+fn observe(status: TurnStatus, transport: &'static str, t: &TimingsMs) {
+    metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => transport)
         .increment(1);
     for (name, ms) in [
         (metric::TIME_TO_FIRST_EVENT, t.first_event),

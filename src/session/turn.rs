@@ -49,6 +49,8 @@ pub struct Turn {
     abandoned: Tokens,
     /// The account's turn slot (SC-3), released when the turn ends.
     pub slot: Option<crate::state::Slot>,
+    /// Whether the turn goes upstream over HTTP (TM-1) rather than a pooled WebSocket.
+    pub http: bool,
 }
 
 /// What a turn starts from.
@@ -64,6 +66,7 @@ pub struct TurnStart {
     pub body: Map<String, Value>,
     pub chained: bool,
     pub retry_budget: u32,
+    pub http: bool,
 }
 
 impl Turn {
@@ -95,6 +98,7 @@ impl Turn {
             streamed_bytes: 0,
             abandoned: Tokens::default(),
             slot: None,
+            http: t.http,
         }
     }
 
@@ -256,6 +260,7 @@ mod tests {
             body: body.as_object().cloned().unwrap_or_default(),
             chained: false,
             retry_budget: 1,
+            http: false,
         })
     }
 

@@ -1,0 +1,193 @@
+//! Every ingress with every transport (TM-1, TM-2): a WebSocket or HTTP client, served by a
+//! `ctx_pool` or an `http` account. Each pair runs a warm-up (forwarded on WebSocket accounts,
+//! answered by the relay on `http` ones, CT-5), a chained tool round trip, and a chained turn
+//! after the upstream lost its connections (replayed by the relay, CT-2).
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use switchyard::usage::Status;
+
+#[derive(Debug, Clone, Copy)]
+enum Ingress {
+    Ws,
+    Http,
+}
+
+/// A client of either ingress that returns each turn's final `response` object.
+enum Client {
+    Ws(Box<Ws>),
+    Http(reqwest::Client, String),
+}
+
+impl Client {
+    async fn new(env: &Env, ingress: Ingress) -> Client {
+        match ingress {
+            Ingress::Ws => Client::Ws(Box::new(env.connect().await)),
+            Ingress::Http => Client::Http(reqwest::Client::new(), env.http_url("/v1/responses")),
+        }
+    }
+
+    async fn turn(&mut self, mut req: Value) -> Value {
+        match self {
+            Client::Ws(ws) => {
+                req["type"] = json!("response.create");
+                send(ws, &req).await;
+                let events = read_turn(ws).await;
+                let last = events.last().expect("terminal").clone();
+                assert_eq!(last["type"], "response.completed", "{last}");
+                last["response"].clone()
+            }
+            Client::Http(client, url) => {
+                let resp = client
+                    .post(url.as_str())
+                    .bearer_auth(KEY)
+                    .header("session-id", "table")
+                    .json(&req)
+                    .send()
+                    .await
+                    .expect("POST");
+                assert_eq!(resp.status(), 200);
+                resp.json().await.expect("JSON")
+            }
+        }
+    }
+}
+
+fn request(prev: Option<&str>, input: Value) -> Value {
+    let mut r = json!({"model": "gpt-test", "store": false, "input": input});
+    if let Some(p) = prev {
+        r["previous_response_id"] = json!(p);
+    }
+    r
+}
+
+fn user(text: &str) -> Value {
+    json!([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}])
+}
+
+async fn pair(ingress: Ingress, mode: &str) {
+    let env = relay_from(|url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: up\n    base_url: {url}\n    api_key: sk-up\n    mode: {mode}\n"
+        )
+    })
+    .await;
+    let ctx = format!("{ingress:?} x {mode}");
+    let http = mode == "http";
+    let mut client = Client::new(&env, ingress).await;
+    // Warm-up.
+    let mut warm = request(None, user("hello"));
+    warm["generate"] = json!(false);
+    let w = client.turn(warm).await;
+    assert_eq!(w["status"], "completed", "{ctx}");
+    let warm_id = w["id"].as_str().expect("id").to_string();
+    assert_eq!(warm_id.starts_with("resp_sy_"), http, "{ctx}: {warm_id}");
+    assert_eq!(env.mock.log().requests.len(), usize::from(!http), "{ctx}");
+    // A tool call chained from the warm-up, then its output chained from the call.
+    let tool = r#"[[mock:reason]] [[mock:tool exec_command {"cmd":"echo hi"}]]"#;
+    let r1 = client.turn(request(Some(&warm_id), user(tool))).await;
+    let call = r1["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|i| i["type"] == "function_call"))
+        .cloned()
+        .unwrap_or_else(|| panic!("{ctx}: no function_call in {r1}"));
+    let out =
+        json!([{"type": "function_call_output", "call_id": call["call_id"], "output": "hi\n"}]);
+    let r2 = client.turn(request(r1["id"].as_str(), out)).await;
+    assert_eq!(r2["status"], "completed", "{ctx}");
+    let sent = env
+        .mock
+        .log()
+        .requests
+        .last()
+        .expect("request")
+        .body
+        .clone();
+    let items = sent["input"].as_array().cloned().unwrap_or_default();
+    if http || sent.get("previous_response_id").is_none() {
+        let at = |t: &str| items.iter().position(|i| i["type"] == t);
+        let (c, o) = (at("function_call"), at("function_call_output"));
+        assert!(
+            c.is_some() && c < o,
+            "{ctx}: the call is replayed before its output: {sent}"
+        );
+        assert!(
+            at("reasoning").is_some(),
+            "{ctx}: same account, reasoning kept"
+        );
+    }
+    if http {
+        assert!(sent.get("previous_response_id").is_none(), "{ctx}: {sent}");
+        assert_eq!(sent["stream"], true, "{ctx}");
+        assert!(
+            sent.get("type").is_none() && sent.get("generate").is_none(),
+            "{ctx}"
+        );
+    }
+    // The upstream loses every connection: the next chained turn is replayed.
+    env.mock.close_all(1012);
+    let r3 = client
+        .turn(request(r2["id"].as_str(), user("after the loss")))
+        .await;
+    assert_eq!(r3["status"], "completed", "{ctx}");
+    let sent = env
+        .mock
+        .log()
+        .requests
+        .last()
+        .expect("request")
+        .body
+        .clone();
+    assert!(
+        sent.get("previous_response_id").is_none(),
+        "{ctx}: replayed: {sent}"
+    );
+    let text = sent["input"].to_string();
+    assert!(
+        text.contains("hello") && text.contains("echo hi"),
+        "{ctx}: whole transcript"
+    );
+    let records = env.records_when(4).await;
+    let want = if http { "http" } else { "ctx_pool" };
+    assert!(
+        records
+            .iter()
+            .all(|r| r.status == Status::Completed && r.transport == want),
+        "{ctx}: {records:#?}"
+    );
+}
+
+#[tokio::test]
+async fn tm2_ws_client_on_a_ctx_pool_account() {
+    pair(Ingress::Ws, "ctx_pool").await;
+}
+
+#[tokio::test]
+async fn tm2_ws_client_on_an_http_account() {
+    pair(Ingress::Ws, "http").await;
+}
+
+#[tokio::test]
+async fn tm2_http_client_on_a_ctx_pool_account() {
+    pair(Ingress::Http, "ctx_pool").await;
+}
+
+#[tokio::test]
+async fn tm2_http_client_on_an_http_account() {
+    pair(Ingress::Http, "http").await;
+}
+
+/// `upstream.force_http` sends a `ctx_pool` account's turns over HTTP (TM-1).
+#[tokio::test]
+async fn tm1_force_http_makes_every_account_http() {
+    let env = relay("upstream:\n  force_http: true\n").await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "[[mock:text 4]]")).await;
+    let events = read_turn(&mut ws).await;
+    assert_eq!(events.last().unwrap()["type"], "response.completed");
+    let log = env.mock.log();
+    assert_eq!((log.upgrades.len(), log.http_requests), (0, 1));
+    assert_eq!(env.records_when(1).await[0].transport, "http");
+}
