@@ -338,6 +338,57 @@ async fn codex_tool_round_trip_over_http_through_the_relay() {
     );
 }
 
+/// Issue 9: Codex over WebSocket to the relay, its turns going to an `http` account (TM-2): the
+/// relay builds the WS events from the upstream's SSE, answers the warm-up itself (CT-5) and
+/// replays the chain (CT-2), and Codex never falls back from WebSockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codex_over_ws_with_turns_on_an_http_account() {
+    let Some(bin) = codex_bin_or_skip("codex_over_ws_with_turns_on_an_http_account") else {
+        return;
+    };
+    let m = mock().await;
+    let store = tempfile::tempdir().expect("store dir");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: http\nstore:\n  path: {}\n",
+        m.base_url(),
+        store.path().join("usage.db").display()
+    );
+    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
+    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    let run = run_codex_with(
+        &bin,
+        &format!("http://{}/v1", relay.addr),
+        "relay-key",
+        PROMPT,
+        true,
+    )
+    .await;
+    let log = m.log();
+    let ctx = format!("{}\n--- mock ---\n{}", run.summary(), dump_log(&log));
+    assert_tool_round_trip(&run);
+    assert!(log.upgrades.is_empty(), "no upstream WebSocket\n{ctx}");
+    assert!(
+        log.http_requests >= 2,
+        "prompt and tool output over HTTP\n{ctx}"
+    );
+    for r in &log.requests {
+        assert_eq!(r.body["stream"], true, "{ctx}");
+        for k in ["type", "generate", "previous_response_id"] {
+            assert!(r.body.get(k).is_none(), "HTTP body without {k}\n{ctx}");
+        }
+    }
+    let call_id = echo_call_id(&run);
+    let last = &log.requests.last().expect("requests").body;
+    let calls = items_of(last, "function_call");
+    let outputs = items_of(last, "function_call_output");
+    assert_eq!(calls.len(), 1, "the call is replayed\n{ctx}");
+    assert_eq!(
+        outputs[0]["call_id"].as_str(),
+        Some(call_id.as_str()),
+        "{ctx}"
+    );
+}
+
 /// The same against `switchyard serve` with no config: the embedded mock upstream and the
 /// printed dev key are enough for Codex.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
