@@ -463,10 +463,6 @@ fn op4_every_bad_value_names_its_path() {
             "accounts[0].api_key",
         ),
         (
-            format!("accounts: [{{{acct}, mode: passthrough}}]"),
-            "accounts[0].mode",
-        ),
-        (
             format!("accounts: [{{{acct}, mode: turbo}}]"),
             "accounts[0].mode",
         ),

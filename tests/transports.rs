@@ -75,7 +75,7 @@ async fn pair(ingress: Ingress, mode: &str) {
     })
     .await;
     let ctx = format!("{ingress:?} x {mode}");
-    let http = mode == "http";
+    let http = mode == "http" || mode == "passthrough" && matches!(ingress, Ingress::Http);
     let mut client = Client::new(&env, ingress).await;
     // Warm-up.
     let mut warm = request(None, user("hello"));
@@ -125,6 +125,16 @@ async fn pair(ingress: Ingress, mode: &str) {
             sent.get("type").is_none() && sent.get("generate").is_none(),
             "{ctx}"
         );
+    }
+    if mode == "passthrough" && matches!(ingress, Ingress::Ws) {
+        // No recovery on a passthrough socket: the chain lived on its own upstream connection.
+        assert_eq!(env.mock.log().upgrades.len(), 1, "{ctx}");
+        let records = env.records_when(3).await;
+        assert!(
+            records.iter().all(|r| r.transport == "passthrough"),
+            "{ctx}"
+        );
+        return;
     }
     // The upstream loses every connection: the next chained turn is replayed.
     env.mock.close_all(1012);
@@ -177,6 +187,17 @@ async fn tm2_http_client_on_a_ctx_pool_account() {
 #[tokio::test]
 async fn tm2_http_client_on_an_http_account() {
     pair(Ingress::Http, "http").await;
+}
+
+#[tokio::test]
+async fn tm2_ws_client_on_a_passthrough_account() {
+    pair(Ingress::Ws, "passthrough").await;
+}
+
+/// HTTP clients of a passthrough account are served as `http` (TM-1).
+#[tokio::test]
+async fn tm2_http_client_on_a_passthrough_account_is_served_as_http() {
+    pair(Ingress::Http, "passthrough").await;
 }
 
 /// `upstream.force_http` sends a `ctx_pool` account's turns over HTTP (TM-1).

@@ -61,6 +61,8 @@ pub enum AccountMode {
     CtxPool,
     /// Upstream `POST /responses` with SSE, one request per turn (TM-1).
     Http,
+    /// One upstream WebSocket per client socket, frames relayed as they are (TM-1).
+    Passthrough,
 }
 
 impl AccountMode {
@@ -68,6 +70,7 @@ impl AccountMode {
         match self {
             AccountMode::CtxPool => "ctx_pool",
             AccountMode::Http => "http",
+            AccountMode::Passthrough => "passthrough",
         }
     }
 }
@@ -84,11 +87,9 @@ impl<'de> Deserialize<'de> for AccountMode {
         match name.as_str() {
             "ctx_pool" => Ok(AccountMode::CtxPool),
             "http" => Ok(AccountMode::Http),
-            "passthrough" => Err(de::Error::custom(format!(
-                "mode \"{name}\" is not available yet (it arrives in a later version); use ctx_pool"
-            ))),
+            "passthrough" => Ok(AccountMode::Passthrough),
             _ => Err(de::Error::custom(format!(
-                "unknown variant \"{name}\", expected ctx_pool or http"
+                "unknown variant \"{name}\", expected ctx_pool, passthrough or http"
             ))),
         }
     }

@@ -115,6 +115,25 @@ impl Session {
                 .param("model"),
             );
         };
+        let Some(account) = scheduler::pick(&self.p.cfg, &model) else {
+            return self.refuse_create(
+                &read,
+                Some(&model),
+                RelayError::invalid_request(
+                    "model_not_found",
+                    format!("No upstream account serves the model '{model}'."),
+                )
+                .param("model"),
+            );
+        };
+        let account = account.clone();
+        if self.passthrough_wanted(&account) {
+            return Step::Passthrough(Box::new(super::passthrough::Handover {
+                account,
+                first: req.raw,
+                read,
+            }));
+        }
         if let Some(prev) = req.previous_response_id() {
             if self.last_response_id.as_deref() != Some(prev) {
                 return self.refuse_create(
@@ -128,24 +147,12 @@ impl Session {
                 );
             }
         }
-        let Some(account) = scheduler::pick(&self.p.cfg, &model) else {
-            return self.refuse_create(
-                &read,
-                Some(&model),
-                RelayError::invalid_request(
-                    "model_not_found",
-                    format!("No upstream account serves the model '{model}'."),
-                )
-                .param("model"),
-            );
-        };
-        let account = account.clone();
         self.last_model = Some(model.clone());
         if self.p.budget.take_evicted(self.p.id) {
             self.transcript = None;
         }
         let chained = req.previous_response_id().is_some();
-        let http = super::http_turn::is_http(&account, self.p.cfg.upstream.force_http);
+        let http = super::http_turn::is_http(&account, self.p.cfg.upstream.force_http, self.p.kind);
         let text = upstream_text(&req, &model);
         let mut body = req.body;
         body.insert("type".into(), Value::String("response.create".into()));

@@ -97,7 +97,15 @@ impl Session {
     }
 }
 
-/// Whether a turn on `account` goes over HTTP.
-pub(super) fn is_http(account: &AccountConfig, force_http: bool) -> bool {
-    force_http || account.mode == crate::config::AccountMode::Http
+/// Whether a turn on `account` goes over HTTP: `http` accounts, every account under
+/// `upstream.force_http`, and `passthrough` accounts for HTTP clients (TM-1).
+pub(super) fn is_http(
+    account: &AccountConfig,
+    force_http: bool,
+    client: super::ClientKind,
+) -> bool {
+    use crate::config::AccountMode;
+    force_http
+        || account.mode == AccountMode::Http
+        || account.mode == AccountMode::Passthrough && client == super::ClientKind::Http
 }

@@ -8,6 +8,7 @@ mod admit;
 mod handle;
 mod http_turn;
 pub mod outbox;
+mod passthrough;
 mod policy;
 mod pump;
 mod record;
@@ -91,6 +92,8 @@ enum Step {
     Close(u16, &'static str),
     /// The client is gone; nothing more can be sent.
     Gone,
+    /// The first request chose a `passthrough` account: the socket is relayed from now on.
+    Passthrough(Box<passthrough::Handover>),
 }
 
 struct Session {
@@ -225,6 +228,10 @@ where
         if !matches!(step, Step::Go) {
             break step;
         }
+    };
+    let end = match end {
+        Step::Passthrough(h) => s.passthrough(&mut stream, *h).await,
+        other => other,
     };
     let (budget, id) = (s.p.budget.clone(), s.p.id);
     s.end(end).await;

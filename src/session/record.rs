@@ -11,8 +11,10 @@ use crate::telemetry::metric;
 use crate::usage::{self, Record, TimingsMs, Tokens};
 
 /// What the transport of a turn is called in records and metrics.
-fn transport(http: bool) -> &'static str {
-    if http {
+fn transport(turn: &super::turn::Turn) -> &'static str {
+    if turn.passthrough {
+        "passthrough"
+    } else if turn.http {
         "http"
     } else {
         "ctx_pool"
@@ -73,7 +75,7 @@ impl Session {
     /// Closes the books on `turn`: metrics, the log line, and its usage record.
     pub(super) fn record_turn(&self, turn: &mut Turn, end: Ending) {
         let timings = turn.finish().clone();
-        observe(end.status, transport(turn.http), &timings);
+        observe(end.status, transport(turn), &timings);
         let (tokens, estimated) = turn.tokens(end.usage);
         let (error_class, error_side) = split(end.error);
         let r = Record {
@@ -85,7 +87,7 @@ impl Session {
             session: self.p.tag.clone(),
             seq: turn.seq,
             model: Some(turn.model.clone()),
-            transport: transport(turn.http).into(),
+            transport: transport(turn).into(),
             warm_up: turn.warm_up,
             status: end.status,
             cost_usd: self.p.usage.cost(Some(&turn.model), &tokens),

@@ -51,6 +51,8 @@ pub struct Turn {
     pub slot: Option<crate::state::Slot>,
     /// Whether the turn goes upstream over HTTP (TM-1) rather than a pooled WebSocket.
     pub http: bool,
+    /// Whether the turn runs on a passthrough socket (TM-1): watched, not driven.
+    pub passthrough: bool,
 }
 
 /// What a turn starts from.
@@ -99,6 +101,7 @@ impl Turn {
             abandoned: Tokens::default(),
             slot: None,
             http: t.http,
+            passthrough: false,
         }
     }
 

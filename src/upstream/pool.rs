@@ -100,6 +100,17 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A connection of its own for one client socket (TM-1 `passthrough`): not pooled, never
+    /// leased to anyone else, counted with the pool's connection tasks.
+    pub async fn dial_dedicated(
+        &self,
+        account: &AccountConfig,
+        identity: &Identity,
+    ) -> Result<Live, RelayError> {
+        metrics::counter!(metric::UPSTREAM_DIALS, "account" => account.id.clone()).increment(1);
+        conn::open(account, identity, &self.settings, 1, &self.tasks, |_, _| {}).await
+    }
+
     pub fn new(settings: ConnSettings) -> Arc<Pool> {
         Arc::new_cyclic(|me| Pool {
             settings,
