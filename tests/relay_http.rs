@@ -316,3 +316,27 @@ async fn hs_auth_and_bad_bodies_are_refused_with_json_errors() {
     let records = env.records_when(1).await;
     assert_eq!(records.len(), 1);
 }
+
+/// HS-2: an HTTP session's transcript goes after `session.http_session_ttl` without a request.
+#[tokio::test]
+async fn hs2_an_idle_http_session_ends_after_its_ttl() {
+    let env = relay("session:\n  http_session_ttl: 100ms\n").await;
+    let first: Value = post(&env, &body("one", false), Some("short"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(env.relay.app.http_sessions.len(), 1);
+    let app = env.relay.app.clone();
+    eventually(move || app.http_sessions.is_empty()).await;
+    let mut next = body("two", false);
+    next["previous_response_id"] = first["id"].clone();
+    let late = post(&env, &next, Some("short")).send().await.unwrap();
+    assert_eq!(late.status(), 400);
+    assert_eq!(
+        late.json::<Value>().await.unwrap()["error"]["code"],
+        "previous_response_not_found"
+    );
+}

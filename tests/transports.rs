@@ -212,3 +212,48 @@ async fn tm1_force_http_makes_every_account_http() {
     assert_eq!((log.upgrades.len(), log.http_requests), (0, 1));
     assert_eq!(env.records_when(1).await[0].transport, "http");
 }
+
+/// §3/HS-5 across shapes: an `http` account's upstream refusing the request with an HTTP status
+/// reaches a WebSocket client as an error frame with that `status`, and an HTTP client as that
+/// status with the `{"error": ...}` body; both are `error` records on the upstream's side.
+#[tokio::test]
+async fn hs5_upstream_http_errors_keep_their_status_on_both_ingresses() {
+    let opts = switchyard::mock::MockOptions {
+        api_keys: vec!["sk-right".into()],
+        ..Default::default()
+    };
+    let mock = switchyard::mock::MockUpstream::start(opts)
+        .await
+        .expect("mock");
+    let env = relay_on(mock, |url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: up\n    base_url: {url}\n    api_key: sk-wrong\n    mode: http\n"
+        )
+    })
+    .await;
+    let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "hi")).await;
+    let frames = read_turn(&mut ws).await;
+    let e = &frames[0];
+    assert_eq!(
+        (e["type"].as_str(), e["status"].as_u64()),
+        (Some("error"), Some(401)),
+        "{e}"
+    );
+    assert_eq!(e["error"]["code"], "invalid_api_key", "{e}");
+    let resp = reqwest::Client::new()
+        .post(env.http_url("/v1/responses"))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "gpt-test", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
+    let records = env.records_when(2).await;
+    for r in &records {
+        assert_eq!(r.status, Status::Error);
+        assert_eq!(r.error_side.as_deref(), Some("upstream_protocol"));
+    }
+}

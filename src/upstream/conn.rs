@@ -373,3 +373,44 @@ pub(crate) async fn sleep_until(due: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// An `https` account dials `wss://` through rustls: the first bytes on the wire are a TLS
+    /// handshake record (0x16), not a plain HTTP request or a refusal to try.
+    #[tokio::test]
+    async fn wss_upstreams_are_dialed_with_tls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let first_byte = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.ok()?;
+            let mut b = [0u8; 1];
+            sock.read_exact(&mut b).await.ok().map(|_| b[0])
+        });
+        let url = format!("https://127.0.0.1:{port}/v1");
+        let account = AccountConfig::new("a", url, "sk-test");
+        let settings = ConnSettings {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(5),
+            dial_timeout: Duration::from_secs(5),
+            max_message_bytes: 1 << 20,
+            max_age: Duration::from_secs(3300),
+            min_idle: 0,
+        };
+        let (tasks, identity) = (TaskCount::default(), Identity::default());
+        let dial = open(&account, &identity, &settings, 1, &tasks, |_, _| {});
+        let e = dial
+            .await
+            .err()
+            .expect("the listener never completes a handshake");
+        assert!(
+            !e.message.contains("TLS support not compiled"),
+            "{}",
+            e.message
+        );
+        assert_eq!(first_byte.await.unwrap(), Some(0x16), "{}", e.message);
+    }
+}
