@@ -230,7 +230,9 @@ where
         }
     };
     let end = match end {
-        Step::Passthrough(h) => s.passthrough(&mut stream, *h).await,
+        // Boxed: the passthrough's dial and relay loop would otherwise size every session's
+        // future, idle ones included.
+        Step::Passthrough(h) => Box::pin(s.passthrough(&mut stream, *h)).await,
         other => other,
     };
     let (budget, id) = (s.p.budget.clone(), s.p.id);
