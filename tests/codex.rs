@@ -245,6 +245,23 @@ async fn codex_tool_round_trip_over_http_against_the_mock() {
     );
 }
 
+/// A relay with the key `relay-key` in front of `m` as one account of `mode`, its store in a
+/// temporary directory (kept alive by the second value).
+async fn relay_for_codex(
+    m: &switchyard::mock::MockUpstream,
+    mode: &str,
+) -> (switchyard::server::Running, tempfile::TempDir) {
+    let store = tempfile::tempdir().expect("store dir");
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: {mode}\n    max_conns: 4\nstore:\n  path: {}\n",
+        m.base_url(),
+        store.path().join("usage.db").display()
+    );
+    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
+    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    (relay, store)
+}
+
 /// Issue 3's acceptance: Codex completes a tool round trip through the relay (configured with
 /// the SPEC §2 keys) over one upgrade, without falling back to HTTP; the upstream sees exactly
 /// what Codex would have sent it directly (WS-1, WS-7, CT-1, CT-5, TP-1).
@@ -254,14 +271,7 @@ async fn codex_tool_round_trip_through_the_relay() {
         return;
     };
     let m = mock().await;
-    let store = tempfile::tempdir().expect("store dir");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: ctx_pool\n    max_conns: 4\nstore:\n  path: {}\n",
-        m.base_url(),
-        store.path().join("usage.db").display()
-    );
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
-    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    let (relay, _store) = relay_for_codex(&m, "ctx_pool").await;
     let run = run_codex_with(
         &bin,
         &format!("http://{}/v1", relay.addr),
@@ -292,14 +302,7 @@ async fn codex_tool_round_trip_over_http_through_the_relay() {
         return;
     };
     let m = mock().await;
-    let store = tempfile::tempdir().expect("store dir");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: ctx_pool\nstore:\n  path: {}\n",
-        m.base_url(),
-        store.path().join("usage.db").display()
-    );
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
-    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    let (relay, _store) = relay_for_codex(&m, "ctx_pool").await;
     let run = run_codex_with(
         &bin,
         &format!("http://{}/v1", relay.addr),
@@ -347,14 +350,7 @@ async fn codex_over_ws_with_turns_on_an_http_account() {
         return;
     };
     let m = mock().await;
-    let store = tempfile::tempdir().expect("store dir");
-    let yaml = format!(
-        "listen: 127.0.0.1:0\nkeys:\n  - id: codex\n    key: relay-key\naccounts:\n  - id: up\n    base_url: {}\n    api_key: {KEY}\n    mode: http\nstore:\n  path: {}\n",
-        m.base_url(),
-        store.path().join("usage.db").display()
-    );
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
-    let relay = switchyard::server::spawn(cfg).await.expect("relay");
+    let (relay, _store) = relay_for_codex(&m, "http").await;
     let run = run_codex_with(
         &bin,
         &format!("http://{}/v1", relay.addr),
