@@ -298,30 +298,23 @@ impl Turn {
 }
 
 /// One SSE event for a session frame; the relay's WS error frames take the SSE shape (§3).
-fn sse_chunk(text: &str, last_seq: u64) -> (String, u64) {
-    let v: Option<Value> = serde_json::from_str(text).ok();
-    let seq = v
-        .as_ref()
-        .and_then(|v| v.get("sequence_number"))
-        .and_then(Value::as_u64)
-        .unwrap_or(last_seq);
+/// `count` is how many events went before, which is the next `sequence_number`; events are
+/// forwarded by their peeked type, and only an `error` frame is parsed to be reshaped.
+fn sse_chunk(text: &str, count: u64) -> (String, u64) {
     let kind = peek::event_type(text).unwrap_or_default();
     if kind != "error" {
-        return (sse_event(&kind, text), seq + 1);
+        return (sse_event(&kind, text), count + 1);
     }
-    let e = v
-        .as_ref()
-        .and_then(|v| v.get("error"))
-        .cloned()
-        .unwrap_or(Value::Null);
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let e = v.get("error").cloned().unwrap_or(Value::Null);
     let field = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
     let event = sse_error(
         &field("code").unwrap_or_else(|| "server_error".into()),
         &field("message").unwrap_or_default(),
         field("param").as_deref(),
-        seq,
+        count,
     );
-    (sse_event("error", &event.to_string()), seq + 1)
+    (sse_event("error", &event.to_string()), count + 1)
 }
 
 fn closed_chunk(seq: u64) -> String {
