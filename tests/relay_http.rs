@@ -340,3 +340,22 @@ async fn hs2_an_idle_http_session_ends_after_its_ttl() {
         "previous_response_not_found"
     );
 }
+
+/// WS-6 for HTTP: a body over `limits.max_client_message_bytes` gets 413 with a JSON error,
+/// and no record (no request was read).
+#[tokio::test]
+async fn hs_oversized_body_gets_413_json() {
+    let env =
+        relay("limits:\n  max_client_message_bytes: 2048\n  max_transcript_bytes: 2048\n").await;
+    let big = body(&"x".repeat(4096), false);
+    let resp = post(&env, &big, None).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "request_too_large", "{e}");
+    let ok = post(&env, &body("small", false), None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(env.records_when(1).await.len(), 1);
+}

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -81,10 +81,23 @@ impl HttpSessions {
 }
 
 /// `POST` on a responses path.
-pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
     let key = match authenticate(&app, &headers) {
         Ok(key) => key.clone(),
         Err(refusal) => return *refusal,
+    };
+    // WS-6's limit for HTTP bodies, read only once the key is known.
+    let limit = usize::try_from(app.cfg.limits.max_client_message_bytes).unwrap_or(usize::MAX);
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                "The request body is over limits.max_client_message_bytes (or was cut short).",
+            )
+        }
     };
     let mut req: Map<String, Value> = match serde_json::from_slice(&body) {
         Ok(Value::Object(m)) => m,

@@ -299,13 +299,13 @@ fn reload_prices(app: &App) {
 }
 
 fn routes(app: Arc<App>) -> Router {
-    let limit = usize::try_from(app.cfg.limits.max_client_message_bytes).unwrap_or(usize::MAX);
     let responses = || get(ws::entry).post(http::create);
     Router::new()
         .route("/v1/responses", responses())
         .route("/responses", responses())
         .route("/backend-api/codex/responses", responses())
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        // The HTTP ingress applies `limits.max_client_message_bytes` itself, with a JSON error.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
