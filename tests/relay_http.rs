@@ -215,6 +215,18 @@ async fn hs2_one_session_key_runs_requests_one_at_a_time() {
         .collect();
     let at = |needle: &str| texts.iter().position(|t| t.contains(needle));
     assert!(at("mock:text 60").unwrap() < at("second").unwrap());
+    // Every request got its record, the refused ones `rejected` (US-1).
+    let n = texts.len() as u64 + 1;
+    let records = env.records_when(n).await;
+    let rejected: Vec<_> = records
+        .iter()
+        .filter(|r| r.status == Status::Rejected)
+        .collect();
+    assert_eq!(rejected.len(), 1, "{records:#?}");
+    assert_eq!(
+        rejected[0].error_class.as_deref(),
+        Some("response_in_progress")
+    );
 }
 
 /// HS-4: a client that leaves mid-stream stops the upstream (TP-4), recorded as

@@ -40,6 +40,8 @@ pub struct HttpSession {
     /// Requests running or waiting, for the queue bound.
     queued: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// The session's name in usage records.
+    tag: String,
     /// Ends the session (its client "left"): a request cut mid-turn, the TTL, shutdown.
     end: CancellationToken,
 }
@@ -118,6 +120,8 @@ pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
     let depth = app.cfg.session.queue_depth;
     if http.queued.fetch_add(1, Ordering::SeqCst) > depth {
         http.queued.fetch_sub(1, Ordering::SeqCst);
+        // Refused before its session read it: the record is written here (US-1).
+        record_queue_full(&app, &key, &http, &req);
         return error_response(&crate::protocol::frames::ws_error(
             409,
             "invalid_request_error",
@@ -183,6 +187,7 @@ fn start_session(app: &Arc<App>, key: &KeyConfig, headers: &HeaderMap) -> Arc<Ht
         .take_until(end.clone().cancelled_owned());
     let sink = PollSender::new(to_client).sink_map_err(|_| tungstenite::Error::ConnectionClosed);
     let params = app.session_params(ClientKind::Http, key, Identity::from_headers(headers));
+    let tag = params.tag.clone();
     app.sessions
         .spawn(session::run_io(params, sink, Box::pin(stream)));
     Arc::new(HttpSession {
@@ -190,8 +195,35 @@ fn start_session(app: &Arc<App>, key: &KeyConfig, headers: &HeaderMap) -> Arc<Ht
         output: Arc::new(tokio::sync::Mutex::new(output)),
         queued: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
+        tag,
         end,
     })
+}
+
+/// The `rejected` record of a request refused with 409 because its session's queue was full.
+fn record_queue_full(app: &App, key: &KeyConfig, http: &HttpSession, req: &Map<String, Value>) {
+    use crate::usage::{new_request_id, now_ms, Record, Status, TimingsMs, Tokens};
+    app.usage.record(Record {
+        request_id: new_request_id(),
+        created_ms: now_ms(),
+        response_id: None,
+        key_id: key.id.clone(),
+        account_id: None,
+        session: http.tag.clone(),
+        // Never read by the session, so it has no number there.
+        seq: 0,
+        model: req.get("model").and_then(Value::as_str).map(str::to_string),
+        transport: "none".into(),
+        warm_up: false,
+        status: Status::Rejected,
+        tokens: Tokens::default(),
+        cost_usd: Some(0.0),
+        estimated: false,
+        attempts: 0,
+        timings: TimingsMs::default(),
+        error_class: Some("response_in_progress".into()),
+        error_side: Some("client".into()),
+    });
 }
 
 /// One request in its session: releases its queue place when dropped; dropped before its
