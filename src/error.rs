@@ -53,6 +53,8 @@ pub struct RelayError {
     pub param: Option<String>,
     /// The upstream's `Retry-After`, carried to the client (§3 `headers`) and to the breaker.
     pub retry_after: Option<String>,
+    /// The HTTP status the upstream refused a WebSocket handshake with, if that is what failed.
+    pub handshake_status: Option<u16>,
 }
 
 impl RelayError {
@@ -67,6 +69,7 @@ impl RelayError {
             code,
             param: None,
             retry_after: None,
+            handshake_status: None,
         }
     }
 

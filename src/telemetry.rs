@@ -20,6 +20,8 @@ pub mod metric {
     pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
     pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";
+    pub const WS_FAILURES: &str = "switchyard_upstream_ws_failures_total";
+    pub const WS_FALLBACKS: &str = "switchyard_upstream_ws_fallbacks_total";
     pub const SESSIONS_RUNNING: &str = "switchyard_sessions_running";
     pub const POOL_COUNTS: &str = "switchyard_upstream_pool";
     pub const USAGE_FLUSHED: &str = "switchyard_usage_records_flushed_total";

@@ -239,6 +239,9 @@ fn spec2_defaults() {
         assert_eq!(cfg.store.path, PathBuf::from("./switchyard.db"));
         assert_eq!(cfg.upstream.max_age, Duration::from_secs(55 * 60));
         assert_eq!(cfg.upstream.min_idle, 0);
+        assert!(!cfg.upstream.force_http);
+        assert_eq!(cfg.upstream.ws_failure_burst, 3);
+        assert_eq!(cfg.upstream.ws_fallback_cooldown, Duration::from_secs(30));
         let s = &cfg.session;
         assert_eq!(s.idle_timeout, Duration::from_secs(3600));
         assert_eq!(s.first_message_timeout, Duration::from_secs(30));
@@ -394,6 +397,10 @@ fn op4_every_bad_value_names_its_path() {
         ),
         ("upstream: {max_age: 0s}".into(), "upstream.max_age"),
         ("upstream: {min_idle: -1}".into(), "upstream.min_idle"),
+        (
+            "upstream: {ws_failure_burst: 0}".into(),
+            "upstream.ws_failure_burst",
+        ),
         (
             format!("accounts: [{{{acct}, concurrency: 0}}]"),
             "accounts[0].concurrency",
@@ -587,7 +594,7 @@ fn op4_every_bad_value_names_its_path() {
             "upstream.force_http",
         ),
         (
-            "upstream: {ws_fallback_cooldown: 30s}".into(),
+            "upstream: {ws_fallback_cooldown: 0s}".into(),
             "upstream.ws_fallback_cooldown",
         ),
         (
@@ -623,7 +630,7 @@ fn op4_every_bad_value_names_its_path() {
 fn op4_upstream_errors_are_all_reported() {
     let errs = errors(
         "upstream:\n  ping_interval: 0s\n  pong_timeout: 5\n  dial_timeout: never\n  \
-         max_message_bytes: 10\n  stream_idle_timeout: 0s\n  ws_failure_burst: 3\n",
+         max_message_bytes: 10\n  stream_idle_timeout: 0s\n  sticky: 3\n",
     );
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
@@ -634,13 +641,12 @@ fn op4_upstream_errors_are_all_reported() {
             "upstream.dial_timeout",
             "upstream.max_message_bytes",
             "upstream.stream_idle_timeout",
-            "upstream.ws_failure_burst",
+            "upstream.sticky",
         ],
         "{errs}"
     );
     assert!(
-        errs.to_string()
-            .contains("upstream.ws_failure_burst: unknown key"),
+        errs.to_string().contains("upstream.sticky: unknown key"),
         "{errs}"
     );
     let empty = Config::from_yaml_str("upstream:\n").unwrap();

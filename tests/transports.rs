@@ -257,3 +257,49 @@ async fn hs5_upstream_http_errors_keep_their_status_on_both_ingresses() {
         assert_eq!(r.error_side.as_deref(), Some("upstream_protocol"));
     }
 }
+
+/// TM-4: after `ws_failure_burst` WebSocket failures within `ws_fallback_cooldown`, the
+/// account's new turns go over http for the cooldown, then over WebSocket again.
+#[tokio::test]
+async fn tm4_failing_websocket_sends_new_turns_over_http_for_the_cooldown() {
+    let env = relay("upstream:\n  ws_failure_burst: 2\n  ws_fallback_cooldown: 300ms\n").await;
+    env.mock.push_handshake(500, None);
+    env.mock.push_handshake(500, None);
+    let mut ws = env.connect().await;
+    // The dial and its retry are both refused with 500: two failures, the turn is lost.
+    send(&mut ws, &create("gpt-test", "one")).await;
+    let lost = read_turn(&mut ws).await;
+    assert_eq!(
+        lost[0]["error"]["code"], "upstream_connection_lost",
+        "{lost:?}"
+    );
+    // In the cooldown: over http.
+    send(&mut ws, &create("gpt-test", "two")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    let log = env.mock.log();
+    assert_eq!(
+        (log.refused_upgrades, log.upgrades.len(), log.http_requests),
+        (2, 0, 1)
+    );
+    // After it: WebSocket again. (Waiting past the cooldown is a precondition, not a timing.)
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    send(&mut ws, &create("gpt-test", "three")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    let log = env.mock.log();
+    assert_eq!((log.upgrades.len(), log.http_requests), (1, 1));
+    let records = env.records_when(3).await;
+    let transports: Vec<(u64, &str)> = records
+        .iter()
+        .map(|r| (r.seq, r.transport.as_str()))
+        .collect();
+    assert!(
+        transports.contains(&(2, "http")) && transports.contains(&(3, "ctx_pool")),
+        "{transports:?}"
+    );
+}

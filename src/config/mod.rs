@@ -299,6 +299,11 @@ pub struct UpstreamConfig {
     pub min_idle: usize,
     /// Every account uses the `http` transport upstream; ingress is unaffected (TM-1).
     pub force_http: bool,
+    /// TM-4: WebSocket failures of an account within `ws_fallback_cooldown` that send its new
+    /// turns over `http` for `ws_fallback_cooldown`.
+    pub ws_failure_burst: usize,
+    #[serde(deserialize_with = "value::duration")]
+    pub ws_fallback_cooldown: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -313,6 +318,8 @@ impl Default for UpstreamConfig {
             max_age: Duration::from_secs(55 * 60),
             min_idle: 0,
             force_http: false,
+            ws_failure_burst: 3,
+            ws_fallback_cooldown: Duration::from_secs(30),
         }
     }
 }

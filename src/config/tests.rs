@@ -455,9 +455,9 @@ fn upstream_keys_parse_and_are_range_checked() {
         "must be at least 1024"
     );
     assert!(parse("upstream: {max_message_bytes: 1024}").is_ok());
-    let errs = errors("upstream: {ping_interval: 20, ws_failure_burst: 1}");
+    let errs = errors("upstream: {ping_interval: 20, sticky: 1}");
     assert!(message_at(&errs, "upstream.ping_interval").contains("with a unit"));
-    assert!(message_at(&errs, "upstream.ws_failure_burst").starts_with("unknown key"));
+    assert!(message_at(&errs, "upstream.sticky").starts_with("unknown key"));
 }
 
 #[test]

@@ -94,10 +94,14 @@ fn check_upstream(cfg: &Config, c: &mut Checker<'_>) {
         ("dial_timeout", u.dial_timeout),
         ("stream_idle_timeout", u.stream_idle_timeout),
         ("max_age", u.max_age),
+        ("ws_fallback_cooldown", u.ws_fallback_cooldown),
     ] {
         if value.is_zero() {
             c.error(format!("upstream.{name}"), "must be greater than zero");
         }
+    }
+    if u.ws_failure_burst < 1 {
+        c.error("upstream.ws_failure_burst", "must be at least 1");
     }
     if u.max_message_bytes < MIN_UPSTREAM_MESSAGE_BYTES {
         c.error(

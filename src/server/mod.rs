@@ -162,6 +162,8 @@ impl App {
         // UP-7: warm contexts in the background until shutdown.
         let shutdown = CancellationToken::new();
         pool.set_accounts(&cfg.accounts);
+        pool.fallback
+            .configure(u.ws_failure_burst, u.ws_fallback_cooldown);
         pool.start_maintenance(shutdown.clone());
         let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
         let budget = Arc::new(TranscriptBudget::new(total));

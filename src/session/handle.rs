@@ -152,7 +152,7 @@ impl Session {
             self.transcript = None;
         }
         let chained = req.previous_response_id().is_some();
-        let http = super::http_turn::is_http(&account, self.p.cfg.upstream.force_http, self.p.kind);
+        let http = self.turn_is_http(&account);
         let text = upstream_text(&req, &model);
         let mut body = req.body;
         body.insert("type".into(), Value::String("response.create".into()));

@@ -97,15 +97,15 @@ impl Session {
     }
 }
 
-/// Whether a turn on `account` goes over HTTP: `http` accounts, every account under
-/// `upstream.force_http`, and `passthrough` accounts for HTTP clients (TM-1).
-pub(super) fn is_http(
-    account: &AccountConfig,
-    force_http: bool,
-    client: super::ClientKind,
-) -> bool {
-    use crate::config::AccountMode;
-    force_http
-        || account.mode == AccountMode::Http
-        || account.mode == AccountMode::Passthrough && client == super::ClientKind::Http
+impl Session {
+    /// Whether a turn on `account` goes over HTTP: `http` accounts, every account under
+    /// `upstream.force_http` or in TM-4's WebSocket cooldown, and `passthrough` accounts for
+    /// HTTP clients (TM-1).
+    pub(super) fn turn_is_http(&self, account: &AccountConfig) -> bool {
+        use crate::config::AccountMode;
+        self.p.cfg.upstream.force_http
+            || account.mode == AccountMode::Http
+            || account.mode == AccountMode::Passthrough && self.p.kind == super::ClientKind::Http
+            || self.p.pool.fallback.active(&account.id)
+    }
 }

@@ -270,10 +270,12 @@ fn dial_error(account: &str, e: tungstenite::Error) -> RelayError {
     match e {
         tungstenite::Error::Http(resp) => {
             let status = resp.status().as_u16();
-            RelayError::upstream_lost(format!(
+            let mut e = RelayError::upstream_lost(format!(
                 "account {account}: upstream refused the WebSocket handshake with {status}"
             ))
-            .side(Side::UpstreamProtocol)
+            .side(Side::UpstreamProtocol);
+            e.handshake_status = Some(status);
+            e
         }
         other => {
             RelayError::upstream_lost(format!("account {account}: upstream dial failed: {other}"))

@@ -3,6 +3,7 @@
 //! with one task for its life ([`conn`]), dialed with the client's identity ([`identity`]).
 
 pub mod conn;
+pub mod fallback;
 pub mod http;
 pub mod identity;
 pub mod lease;

@@ -96,6 +96,8 @@ pub struct Pool {
     next_token: AtomicU64,
     pub(super) waiting: AtomicUsize,
     pub(super) tasks: TaskCount,
+    /// TM-4: accounts whose WebSocket keeps failing send new turns over http for a while.
+    pub fallback: super::fallback::Fallback,
     me: Weak<Pool>,
 }
 
@@ -121,6 +123,7 @@ impl Pool {
             next_token: AtomicU64::new(1),
             waiting: AtomicUsize::new(0),
             tasks: TaskCount::default(),
+            fallback: super::fallback::Fallback::new(3, std::time::Duration::from_secs(30)),
             me: me.clone(),
         })
     }
@@ -307,7 +310,12 @@ impl Pool {
                 }
             },
         )
-        .await?;
+        .await
+        .inspect_err(|e| {
+            if super::fallback::dial_counts(e) {
+                self.fallback.failure(&account.id);
+            }
+        })?;
         let mut st = ctx.st.lock();
         if live.is_finished() {
             return Err(RelayError::upstream_lost(
@@ -335,6 +343,9 @@ impl Pool {
                 "stale verdict ignored"
             );
             return;
+        }
+        if super::fallback::end_counts(end) {
+            self.fallback.failure(account_id);
         }
         self.close_locked(&ctx, &mut st, end);
     }
