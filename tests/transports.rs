@@ -303,3 +303,35 @@ async fn tm4_failing_websocket_sends_new_turns_over_http_for_the_cooldown() {
         "{transports:?}"
     );
 }
+
+/// §3/HS-5: an SSE `error` event inside a 200 stream reaches a WebSocket client as the WS error
+/// frame; its status is 500 unless the code is one CT-11 reports as 400 or 429.
+#[tokio::test]
+async fn hs5_sse_error_events_become_ws_error_frames() {
+    let env = relay_from(|url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: up\n    base_url: {url}\n    api_key: sk-up\n    mode: http\n"
+        )
+    })
+    .await;
+    let mut ws = env.connect().await;
+    for (fault, status, kind) in [
+        ("error 429 rate_limit_exceeded", 429, "rate_limit_error"),
+        ("error 500 server_error", 500, "server_error"),
+    ] {
+        send(
+            &mut ws,
+            &create("gpt-test", &format!("[[mock:fault {fault}]]")),
+        )
+        .await;
+        let events = read_turn(&mut ws).await;
+        let e = events.last().unwrap();
+        assert_eq!(e["type"], "error", "{e}");
+        assert_eq!(e["status"], status, "{e}");
+        assert_eq!(e["error"]["type"], kind, "{e}");
+        assert!(
+            e["error"]["code"].is_string() && e.get("code").is_none(),
+            "WS shape: {e}"
+        );
+    }
+}

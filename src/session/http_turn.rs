@@ -60,7 +60,10 @@ impl Session {
     /// A frame of the running HTTP request.
     pub(super) fn on_http(&mut self, f: Option<UpFrame>) -> Step {
         match f {
-            Some(UpFrame::Event(text)) => self.on_upstream_event(text),
+            Some(UpFrame::Event(text)) => match ws_error_of_sse(&text) {
+                Some(frame) => self.on_upstream_event(frame.into()),
+                None => self.on_upstream_event(text),
+            },
             Some(UpFrame::Ended(end)) => {
                 self.http = None;
                 self.retry_or_fail(RelayError::upstream_lost(end.describe()))
@@ -95,6 +98,34 @@ impl Session {
         self.finish_turn(outcome);
         Step::Go
     }
+}
+
+/// HS-5/§3: an SSE `error` event (top-level `code`/`message`/`param`) becomes the WebSocket
+/// error frame (`status`, `error: {type, code, message, param}`); the status is 500 unless
+/// the code is one CT-11 reports as 400 or 429. Other events pass as they are.
+fn ws_error_of_sse(text: &str) -> Option<String> {
+    if crate::protocol::peek::event_type(text).as_deref() != Some("error") {
+        return None;
+    }
+    let v: Value = serde_json::from_str(text).ok()?;
+    if v.get("error").is_some_and(Value::is_object) {
+        return None;
+    }
+    let field = |k: &str| v.get(k).and_then(Value::as_str);
+    let class = crate::protocol::classify::classify(field("code"), field("message"), None).class;
+    let (status, kind) = match class.default_status() {
+        400 => (400, "invalid_request_error"),
+        429 => (429, "rate_limit_error"),
+        _ => (500, "server_error"),
+    };
+    let frame = crate::protocol::frames::ws_error(
+        status,
+        kind,
+        field("code").unwrap_or("server_error"),
+        field("message").unwrap_or_default(),
+        field("param"),
+    );
+    Some(frame.to_string())
 }
 
 impl Session {
