@@ -47,6 +47,9 @@ enum Command {
     Usage(switchyard::usage::report::UsageArgs),
     /// Open-loop WebSocket load: N sessions x M turns of K stamped events (see BENCHMARKS.md).
     Loadgen(switchyard::loadgen::LoadgenArgs),
+    /// The admin API from the command line: list accounts, switch a mode, enable, disable,
+    /// drain, clear an override (token in SWITCHYARD_ADMIN_TOKEN).
+    Accounts(switchyard::server::admin_cli::AccountsArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
             let opts = switchyard::mock::MockOptions { max_age, api_keys };
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
+        Command::Accounts(args) => switchyard::server::admin_cli::run(&args),
         Command::Loadgen(args) => run(async move { switchyard::loadgen::run(args).await }),
     }
 }

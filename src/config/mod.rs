@@ -36,6 +36,9 @@ pub struct Config {
     pub listen: SocketAddr,
     #[serde(deserialize_with = "value::null_as_default")]
     pub ingress: IngressConfig,
+    /// The admin API (TM-3): off unless a token is set.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub admin: AdminConfig,
     /// The relay's own API keys, presented by clients.
     #[serde(deserialize_with = "value::null_as_default")]
     pub keys: Vec<KeyConfig>,
@@ -62,6 +65,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             ingress: IngressConfig::default(),
+            admin: AdminConfig::default(),
             keys: Vec::new(),
             accounts: Vec::new(),
             upstream: UpstreamConfig::default(),
@@ -69,6 +73,37 @@ impl Default for Config {
             session: SessionConfig::default(),
             store: StoreConfig::default(),
             usage: UsageConfig::default(),
+        }
+    }
+}
+
+/// The admin API: `/admin/v1/...`, bearer `token`, on `listen` (default: the client listener).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of admin settings"
+)]
+pub struct AdminConfig {
+    /// A listener of its own for `/admin/...`; then the client listener does not serve it.
+    pub listen: Option<SocketAddr>,
+    token: Option<Secret>,
+    token_env: Option<String>,
+    #[serde(skip)]
+    resolved_token: Option<Secret>,
+}
+
+impl AdminConfig {
+    /// The admin bearer token; `None` means the admin API is off.
+    pub fn token(&self) -> Option<&Secret> {
+        self.resolved_token.as_ref()
+    }
+
+    /// For configs built in code (tests, the embedded default).
+    pub fn with_token(token: impl Into<String>) -> AdminConfig {
+        AdminConfig {
+            resolved_token: Some(Secret::new(token)),
+            ..AdminConfig::default()
         }
     }
 }

@@ -81,6 +81,7 @@ pub(super) fn validate(
     check_limits(cfg, &mut c);
     check_session(cfg, &mut c);
     check_usage(cfg, &mut c);
+    check_admin(&mut cfg.admin, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
     c.errors
@@ -162,6 +163,28 @@ fn check_session(cfg: &Config, c: &mut Checker<'_>) {
         if value < 1 {
             c.error(format!("session.{name}"), "must be at least 1");
         }
+    }
+}
+
+fn check_admin(admin: &mut crate::config::AdminConfig, c: &mut Checker<'_>) {
+    let secret = match (&admin.token, &admin.token_env) {
+        (Some(_), Some(_)) => {
+            c.error(
+                "admin.token",
+                "give admin.token or admin.token_env, not both",
+            );
+            None
+        }
+        (Some(t), None) if t.is_empty() => {
+            c.error("admin.token", "must not be empty");
+            None
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(name)) => c.env_secret("admin.token_env", name),
+        (None, None) => None,
+    };
+    if admin.resolved_token.is_none() {
+        admin.resolved_token = secret;
     }
 }
 

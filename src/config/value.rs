@@ -66,6 +66,15 @@ pub enum AccountMode {
 }
 
 impl AccountMode {
+    pub fn parse(name: &str) -> Option<AccountMode> {
+        match name {
+            "ctx_pool" => Some(AccountMode::CtxPool),
+            "http" => Some(AccountMode::Http),
+            "passthrough" => Some(AccountMode::Passthrough),
+            _ => None,
+        }
+    }
+
     pub const fn as_str(self) -> &'static str {
         match self {
             AccountMode::CtxPool => "ctx_pool",

@@ -84,6 +84,7 @@ impl App {
             tag: format!("{}-{id}", self.instance),
             usage: self.usage.clone(),
             state: self.state.clone(),
+            registry: self.registry.clone(),
             http: self.http_client.clone(),
             shutdown: self.shutdown.clone(),
         }

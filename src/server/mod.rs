@@ -2,6 +2,8 @@
 //! paths ([`ws`]) and the operations endpoints ([`ops`]); and the process around it: the usage
 //! flusher, SIGHUP (price reload) and SIGTERM (sessions closed, usage flushed, exit 0).
 
+pub mod admin;
+pub mod admin_cli;
 pub mod auth;
 pub mod embedded;
 pub mod http;
@@ -37,6 +39,8 @@ pub struct App {
     pub usage: Arc<Recorder>,
     /// Shared state (SC-7); the `memory` backend until Redis arrives.
     pub state: Arc<dyn StateStore>,
+    /// The operators' account overrides as turns read them (TM-3).
+    pub registry: Arc<crate::scheduler::Registry>,
     /// The upstream HTTP client for `http` accounts.
     pub http_client: reqwest::Client,
     pub next_session: AtomicU64,
@@ -66,6 +70,8 @@ pub fn nodelay(listener: tokio::net::TcpListener) -> impl axum::serve::Listener<
 /// A relay serving in the background (tests, the embedded default).
 pub struct Running {
     pub addr: SocketAddr,
+    /// `admin.listen`'s bound address, when the admin API has a listener of its own.
+    pub admin_addr: Option<SocketAddr>,
     pub app: Arc<App>,
     task: tokio::task::JoinHandle<()>,
     flusher: Option<tokio::task::JoinHandle<()>>,
@@ -93,11 +99,34 @@ impl Drop for Running {
     }
 }
 
+/// Binds `admin.listen`, when set, and serves only the admin API there until shutdown.
+async fn spawn_admin(app: &Arc<App>) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(at) = app.cfg.admin.listen else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(at).await?;
+    let addr = listener.local_addr()?;
+    let (router, stop) = (
+        admin::routes().with_state(app.clone()),
+        app.shutdown.clone(),
+    );
+    tokio::spawn(async move {
+        let serve = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "admin listener stopped");
+        }
+    });
+    tracing::info!(listen = %addr, "admin API listening");
+    Ok(Some(addr))
+}
+
 /// Binds `cfg.listen` and serves in a background task.
 pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let app = App::new(cfg)?;
+    let admin_addr = spawn_admin(&app).await?;
     let flusher = app.start_flusher();
     let routes = routes(app.clone());
     let task = tokio::spawn(async move {
@@ -107,6 +136,7 @@ pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
     });
     Ok(Running {
         addr,
+        admin_addr,
         app,
         task,
         flusher: Some(flusher),
@@ -127,6 +157,7 @@ pub async fn serve_until_signal(
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()> {
     let flusher = app.start_flusher();
+    spawn_admin(&app).await?;
     let signals = Signals::install();
     tracing::info!(listen = %listener.local_addr()?, "switchyard listening");
     let (stop, on_signal) = (app.shutdown.clone(), app.clone());
@@ -170,12 +201,15 @@ impl App {
         let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
         let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
         let http_client = crate::upstream::http::client(cfg.upstream.dial_timeout)?;
+        let memory = MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?;
+        let registry = Arc::new(crate::scheduler::Registry::new(memory.overrides_now()));
         let app = Arc::new(App {
             cfg: Arc::new(cfg),
             pool,
             budget,
             usage,
-            state: Arc::new(MemoryStore::default()),
+            state: Arc::new(memory),
+            registry,
             http_client,
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),
@@ -302,7 +336,14 @@ fn reload_prices(app: &App) {
 
 fn routes(app: Arc<App>) -> Router {
     let responses = || get(ws::entry).post(http::create);
+    // The admin API is on the client listener unless `admin.listen` gives it its own.
+    let admin = if app.cfg.admin.listen.is_none() {
+        admin::routes()
+    } else {
+        Router::new()
+    };
     Router::new()
+        .merge(admin)
         .route("/v1/responses", responses())
         .route("/responses", responses())
         .route("/backend-api/codex/responses", responses())

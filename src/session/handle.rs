@@ -115,18 +115,24 @@ impl Session {
                 .param("model"),
             );
         };
-        let Some(account) = scheduler::pick(&self.p.cfg, &model) else {
-            return self.refuse_create(
-                &read,
-                Some(&model),
-                RelayError::invalid_request(
+        let account = match scheduler::pick(&self.p.cfg, &self.p.registry, &model) {
+            Ok(account) => account,
+            Err(scheduler::NoAccount::Unknown) => {
+                let e = RelayError::invalid_request(
                     "model_not_found",
                     format!("No upstream account serves the model '{model}'."),
                 )
-                .param("model"),
-            );
+                .param("model");
+                return self.refuse_create(&read, Some(&model), e);
+            }
+            Err(scheduler::NoAccount::Ineligible) => {
+                let e = RelayError::new(Side::Internal, 503, "server_error", "no_capacity")
+                    .message(format!(
+                        "No account serving '{model}' takes turns now (disabled or draining)."
+                    ));
+                return self.refuse_create(&read, Some(&model), e);
+            }
         };
-        let account = account.clone();
         if self.passthrough_wanted(&account) {
             return Step::Passthrough(Box::new(super::passthrough::Handover {
                 account,

@@ -61,6 +61,8 @@ pub struct SessionParams {
     pub tag: String,
     pub usage: Arc<Recorder>,
     pub state: Arc<dyn StateStore>,
+    /// The operators' account overrides, read at every turn (TM-3).
+    pub registry: Arc<crate::scheduler::Registry>,
     /// The client for `http` accounts (one pool of upstream connections per relay).
     pub http: reqwest::Client,
     /// Cancelled when the relay shuts down: the socket closes with 1012.

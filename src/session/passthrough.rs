@@ -34,6 +34,8 @@ enum End {
     /// The upstream closed or broke: the client gets its close code.
     Upstream(Step),
     Shutdown,
+    /// The account is draining (TM-3) and no turn runs: the socket closes with 1012.
+    Drained,
 }
 
 impl Session {
@@ -105,6 +107,10 @@ impl Session {
                 );
                 step
             }
+            End::Drained => {
+                let _ = send(&live, Message::Close(None)).await;
+                Step::Close(1012, "account draining")
+            }
             End::Shutdown => {
                 self.close_turns(
                     &mut turns,
@@ -129,6 +135,8 @@ impl Session {
         St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
     {
         let shutdown = self.p.shutdown.clone();
+        // An idle socket of a draining account notices it within this long.
+        let mut drain_check = tokio::time::interval(std::time::Duration::from_millis(250));
         loop {
             if self.out.busy() && self.out.drain().await.is_err() {
                 return End::Client;
@@ -151,11 +159,23 @@ impl Session {
                     Some(Err(_)) | None => return End::Client,
                 },
                 f = events.recv() => match f {
-                    Some(UpFrame::Event(text)) => self.upstream_frame(text, turns),
+                    Some(UpFrame::Event(text)) => {
+                        self.upstream_frame(text, turns);
+                        if turns.is_empty() && self.p.registry.draining(&account.id) {
+                            // After the running turn's terminal (TM-3): flushed, then closed.
+                            let _ = self.out.drain().await;
+                            return End::Drained;
+                        }
+                    }
                     Some(UpFrame::Ended(end)) => return End::Upstream(close_for(&end)),
                     None => return End::Upstream(Step::Close(1011, "passthrough upstream ended")),
                 },
                 _ = shutdown.cancelled() => return End::Shutdown,
+                _ = drain_check.tick() => {
+                    if turns.is_empty() && self.p.registry.draining(&account.id) {
+                        return End::Drained;
+                    }
+                }
             }
         }
     }

@@ -11,7 +11,9 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use super::overrides::{self, Override};
 use super::{SlotId, StateError, StateStore};
+use crate::usage::store::Store;
 
 #[derive(Default)]
 struct Scope {
@@ -19,14 +21,31 @@ struct Scope {
     freed: Arc<Notify>,
 }
 
-/// In-process state.
+/// In-process state; overrides are also written to the embedded store when it has one.
 #[derive(Default)]
 pub struct MemoryStore {
     scopes: Mutex<HashMap<String, Scope>>,
     next: Mutex<SlotId>,
+    overrides: Mutex<HashMap<String, Override>>,
+    persist: Option<Arc<Mutex<Store>>>,
 }
 
 impl MemoryStore {
+    /// The overrides held now (for the registry's first copy).
+    pub fn overrides_now(&self) -> HashMap<String, Override> {
+        self.overrides.lock().clone()
+    }
+
+    /// A memory store whose overrides persist in `store` (loaded from it now).
+    pub fn persistent(store: Arc<Mutex<Store>>) -> Result<MemoryStore, StateError> {
+        let loaded = overrides::load(&mut store.lock()).map_err(|e| StateError(e.to_string()))?;
+        Ok(MemoryStore {
+            overrides: Mutex::new(loaded),
+            persist: Some(store),
+            ..MemoryStore::default()
+        })
+    }
+
     fn next_id(&self) -> SlotId {
         let mut n = self.next.lock();
         *n += 1;
@@ -77,5 +96,40 @@ impl StateStore for MemoryStore {
         let mut notified = Box::pin(freed.notified_owned());
         notified.as_mut().enable();
         notified.boxed()
+    }
+
+    fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>> {
+        futures::future::ready(Ok(self.overrides.lock().clone())).boxed()
+    }
+
+    fn set_override<'a>(
+        &'a self,
+        account: &'a str,
+        o: Override,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        async move {
+            if let Some(store) = self.persist.clone() {
+                let (id, row) = (account.to_string(), o.clone());
+                tokio::task::spawn_blocking(move || {
+                    let mut s = store.lock();
+                    if row.is_empty() {
+                        overrides::clear(&mut s, &id)
+                    } else {
+                        overrides::save(&mut s, &id, &row)
+                    }
+                })
+                .await
+                .map_err(|e| StateError(e.to_string()))?
+                .map_err(|e| StateError(e.to_string()))?;
+            }
+            let mut all = self.overrides.lock();
+            if o.is_empty() {
+                all.remove(account);
+            } else {
+                all.insert(account.to_string(), o);
+            }
+            Ok(())
+        }
+        .boxed()
     }
 }

@@ -6,6 +6,7 @@
 //! bindings, rate and spend counters, breaker state and admin overrides.
 
 mod memory;
+pub mod overrides;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,9 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 pub use memory::MemoryStore;
+pub use overrides::Override;
+
+use std::collections::HashMap;
 
 /// A slot taken from a scope; names it for `release`.
 pub type SlotId = u64;
@@ -41,6 +45,16 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Resolves when a slot of `scope` may have been released: a hint, the caller re-checks.
     fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()>;
+
+    /// Every account override (TM-3).
+    fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>>;
+
+    /// Stores `account`'s override; an empty one is the same as clearing it.
+    fn set_override<'a>(
+        &'a self,
+        account: &'a str,
+        o: Override,
+    ) -> BoxFuture<'a, Result<(), StateError>>;
 }
 
 /// How often a waiter re-checks a scope even without a release hint (a backend may not be

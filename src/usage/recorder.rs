@@ -70,6 +70,11 @@ impl Recorder {
         self.recorded.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The store the records go to (the embedded store is shared with the admin overrides).
+    pub fn store(&self) -> Arc<Mutex<Store>> {
+        self.store.clone()
+    }
+
     /// Records taken so far by this recorder.
     pub fn recorded(&self) -> u64 {
         self.recorded.load(Ordering::Relaxed)

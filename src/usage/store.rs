@@ -25,7 +25,8 @@ use super::{Record, Status, TimingsMs, Tokens};
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Schema steps; step `i` takes the store from version `i` to `i + 1`. Append, never edit.
-const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS usage_records (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS usage_records (
         request_id TEXT PRIMARY KEY NOT NULL,
         created_ms INTEGER NOT NULL,
         response_id TEXT,
@@ -52,7 +53,16 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS usage_records (
         error_class TEXT,
         error_side TEXT
     );
-    CREATE INDEX IF NOT EXISTS usage_records_created_ms ON usage_records (created_ms);"];
+    CREATE INDEX IF NOT EXISTS usage_records_created_ms ON usage_records (created_ms);",
+    // Operators' run-time account overrides (TM-3); a NULL column leaves the config's value.
+    "CREATE TABLE IF NOT EXISTS account_overrides (
+        account_id TEXT PRIMARY KEY NOT NULL,
+        mode TEXT,
+        enabled INTEGER,
+        draining INTEGER,
+        updated_ms INTEGER NOT NULL
+    );",
+];
 
 /// The schema version this build writes and reads.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -245,6 +255,17 @@ impl Store {
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` on the connection, its error reported as `action` on this store's file (for
+    /// the other tables of the store, e.g. `state::overrides`).
+    pub fn with_conn<T>(
+        &mut self,
+        action: &'static str,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = self.path.clone();
+        f(&mut self.conn).map_err(sql_err(&path, action))
     }
 
     fn connect(path: &Path, flags: OpenFlags) -> Result<Store, StoreError> {
