@@ -352,6 +352,18 @@ usage:
     assert_eq!(cfg.session.pump_channel, 8);
 }
 
+/// TM-3: the admin token from the file or the environment; none means the API is off.
+#[test]
+fn tm3_admin_token_and_listen() {
+    let cfg = Config::from_yaml_str("admin: {token: t1, listen: '127.0.0.1:9001'}").unwrap();
+    assert_eq!(cfg.admin.token().map(Secret::expose), Some("t1"));
+    assert_eq!(cfg.admin.listen, Some("127.0.0.1:9001".parse().unwrap()));
+    let env = |name: &str| (name == "ADM").then(|| "from-env".to_string());
+    let cfg = Config::from_yaml_str_with_env("admin: {token_env: ADM}", &env).unwrap();
+    assert_eq!(cfg.admin.token().map(Secret::expose), Some("from-env"));
+    assert!(Config::from_yaml_str("").unwrap().admin.token().is_none());
+}
+
 /// US-2: `usage.prices` is read and checked with the config.
 #[test]
 fn us2_usage_prices_is_loaded_and_checked() {
@@ -381,6 +393,10 @@ fn op4_every_bad_value_names_its_path() {
     let acct = "id: a, base_url: 'https://h', api_key: k";
     let cases: Vec<(String, &str)> = vec![
         ("usage: {flush_interval: 0s}".into(), "usage.flush_interval"),
+        ("admin: {token: ''}".into(), "admin.token"),
+        ("admin: {token: a, token_env: B}".into(), "admin.token"),
+        ("admin: {listen: nowhere}".into(), "admin.listen"),
+        ("admin: {tokens: a}".into(), "admin.tokens"),
         (
             "session: {preempt_policy: kill}".into(),
             "session.preempt_policy",
