@@ -90,8 +90,8 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 
 fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     // OP-4: the whole config is validated before any port is bound.
-    let mut cfg = match config {
-        Some(path) => match Config::load(&path) {
+    let mut cfg = match config.as_ref() {
+        Some(path) => match Config::load(path) {
             Ok(c) => c,
             Err(errors) => {
                 eprintln!("{}: {} error(s)", path.display(), errors.len());
@@ -109,7 +109,7 @@ fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>) -> ExitCode {
     if let Some(addr) = listen {
         cfg.listen = addr;
     }
-    run(async move { switchyard::server::run(cfg).await })
+    run(async move { switchyard::server::run(cfg, config).await })
 }
 
 fn run<F: std::future::Future<Output = anyhow::Result<()>>>(fut: F) -> ExitCode {

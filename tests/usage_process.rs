@@ -171,6 +171,8 @@ async fn us2_sighup_reloads_the_price_table() {
     read_turn(&mut ws).await;
     std::fs::write(&prices, table(3.0)).expect("prices");
     relay.signal("HUP");
+    // SIGHUP reads the config file again too (TM-3), then the price table.
+    relay.wait_log("config reloaded").await;
     relay.wait_log("prices reloaded").await;
     send(&mut ws, &create("gpt-test", "two")).await;
     read_turn(&mut ws).await;

@@ -322,7 +322,7 @@ async fn us1_shutdown_records_the_cut_turn_and_flushes_everything() {
         relay,
         store_dir,
     } = env;
-    let (path, usage) = (relay.app.cfg.store.path.clone(), relay.app.usage.clone());
+    let (path, usage) = (relay.app.cfg().store.path.clone(), relay.app.usage.clone());
     relay.shutdown().await;
     assert_eq!(next_frame(&mut ws).await, Frame::Closed(Some(1012)));
     assert_eq!(

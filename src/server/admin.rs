@@ -51,7 +51,8 @@ struct Live {
 }
 
 fn check(app: &App, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let Some(token) = app.cfg.admin.token() else {
+    let cfg = app.cfg();
+    let Some(token) = cfg.admin.token() else {
         return Err(Box::new(refuse(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -99,7 +100,7 @@ async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(r) = check(&app, &headers) {
         return *r;
     }
-    let all: Vec<AccountView> = app.cfg.accounts.iter().map(|a| view(&app, a)).collect();
+    let all: Vec<AccountView> = app.cfg().accounts.iter().map(|a| view(&app, a)).collect();
     Json(all).into_response()
 }
 
@@ -113,7 +114,8 @@ async fn change(
     if let Err(r) = check(app, headers) {
         return *r;
     }
-    let Some(account) = app.cfg.accounts.iter().find(|a| a.id == id) else {
+    let cfg = app.cfg();
+    let Some(account) = cfg.accounts.iter().find(|a| a.id == id) else {
         return refuse(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

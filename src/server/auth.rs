@@ -17,7 +17,7 @@ use crate::upstream::Identity;
 
 /// The key presented as `Authorization: Bearer <key>`, or a refusal: 401 when missing or
 /// unknown, 403 when disabled (an OpenAI-shaped JSON body either way).
-pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<&'a KeyConfig, Box<Response>> {
+pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<KeyConfig, Box<Response>> {
     let presented = bearer(headers);
     if presented.is_empty() {
         return Err(Box::new(refuse(
@@ -27,7 +27,8 @@ pub fn authenticate<'a>(app: &'a App, headers: &HeaderMap) -> Result<&'a KeyConf
             "No API key provided: send Authorization: Bearer <key>.",
         )));
     }
-    let Some(key) = app.cfg.find_key(presented) else {
+    let cfg = app.cfg();
+    let Some(key) = cfg.find_key(presented).cloned() else {
         return Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
@@ -75,7 +76,9 @@ impl App {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         SessionParams {
             kind,
-            cfg: self.cfg.clone(),
+            cfg: self.cfg(),
+            current: self.config_handle(),
+            reloads: self.reloads.subscribe(),
             pool: self.pool.clone(),
             budget: self.budget.clone(),
             key_id: key.id.clone(),

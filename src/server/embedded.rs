@@ -22,7 +22,7 @@ pub async fn run(listen: SocketAddr) -> anyhow::Result<()> {
     cfg.validate()
         .map_err(|e| anyhow::anyhow!("embedded default config: {e}"))?;
     let app = super::App::new(cfg)?;
-    let listener = tokio::net::TcpListener::bind(app.cfg.listen).await?;
+    let listener = tokio::net::TcpListener::bind(app.cfg().listen).await?;
     let addr = listener.local_addr()?;
     println!("{}", banner(addr, &key, &mock.base_url()));
     super::serve_until_signal(app, listener).await?;

@@ -89,7 +89,7 @@ pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
         Err(refusal) => return *refusal,
     };
     // WS-6's limit for HTTP bodies, read only once the key is known.
-    let limit = usize::try_from(app.cfg.limits.max_client_message_bytes).unwrap_or(usize::MAX);
+    let limit = usize::try_from(app.cfg().limits.max_client_message_bytes).unwrap_or(usize::MAX);
     let body = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
         Err(_) => {
@@ -117,7 +117,7 @@ pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
     let frame = Value::Object(req.clone()).to_string();
     let sk = session_key(&key, &headers, &req);
     let (http, registry_key) = open_session(&app, &key, &headers, sk);
-    let depth = app.cfg.session.queue_depth;
+    let depth = app.cfg().session.queue_depth;
     if http.queued.fetch_add(1, Ordering::SeqCst) > depth {
         http.queued.fetch_sub(1, Ordering::SeqCst);
         // Refused before its session read it: the record is written here (US-1).
@@ -178,7 +178,7 @@ fn open_session(
 }
 
 fn start_session(app: &Arc<App>, key: &KeyConfig, headers: &HeaderMap) -> Arc<HttpSession> {
-    let depth = app.cfg.session.pump_channel.max(1);
+    let depth = app.cfg().session.pump_channel.max(1);
     let (input, from_client) = mpsc::channel::<Message>(depth);
     let (to_client, output) = mpsc::channel::<Message>(depth);
     let end = CancellationToken::new();

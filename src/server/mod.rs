@@ -8,6 +8,7 @@ pub mod auth;
 pub mod embedded;
 pub mod http;
 pub mod ops;
+pub mod reload;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -33,7 +34,12 @@ const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// What every handler shares.
 pub struct App {
-    pub cfg: Arc<Config>,
+    /// The config in force: swapped whole by a reload (TM-3), read per use.
+    config: Arc<parking_lot::RwLock<Arc<Config>>>,
+    /// The file it was read from, for reloads (none for configs built in code).
+    pub config_path: Option<std::path::PathBuf>,
+    /// Bumped at every applied reload, so sessions re-check their key (WS-8).
+    pub reloads: tokio::sync::watch::Sender<u64>,
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
     pub usage: Arc<Recorder>,
@@ -101,7 +107,7 @@ impl Drop for Running {
 
 /// Binds `admin.listen`, when set, and serves only the admin API there until shutdown.
 async fn spawn_admin(app: &Arc<App>) -> anyhow::Result<Option<SocketAddr>> {
-    let Some(at) = app.cfg.admin.listen else {
+    let Some(at) = app.cfg().admin.listen else {
         return Ok(None);
     };
     let listener = tokio::net::TcpListener::bind(at).await?;
@@ -123,9 +129,18 @@ async fn spawn_admin(app: &Arc<App>) -> anyhow::Result<Option<SocketAddr>> {
 
 /// Binds `cfg.listen` and serves in a background task.
 pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
+    spawn_with_path(cfg, None).await
+}
+
+/// As [`spawn`], for a config read from `path`: reloads (on a change of the file) read it again.
+pub async fn spawn_with_path(
+    cfg: Config,
+    path: Option<std::path::PathBuf>,
+) -> anyhow::Result<Running> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let app = App::new(cfg)?;
+    let app = App::with_path(cfg, path)?;
+    app.start_config_watch();
     let admin_addr = spawn_admin(&app).await?;
     let flusher = app.start_flusher();
     let routes = routes(app.clone());
@@ -145,9 +160,10 @@ pub async fn spawn(cfg: Config) -> anyhow::Result<Running> {
 
 /// Binds `cfg.listen` and serves until SIGTERM or SIGINT; SIGHUP reloads the price table.
 /// The config is already validated (OP-4).
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let app = App::new(cfg)?;
-    let listener = tokio::net::TcpListener::bind(app.cfg.listen).await?;
+pub async fn run(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let app = App::with_path(cfg, path)?;
+    app.start_config_watch();
+    let listener = tokio::net::TcpListener::bind(app.cfg().listen).await?;
     serve_until_signal(app, listener).await
 }
 
@@ -178,7 +194,17 @@ pub async fn serve_until_signal(
 }
 
 impl App {
+    /// The config in force.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+
     pub fn new(cfg: Config) -> anyhow::Result<Arc<App>> {
+        App::with_path(cfg, None)
+    }
+
+    /// An app whose config came from `path`, which reloads read again.
+    pub fn with_path(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics_handle();
         let u = &cfg.upstream;
         let settings = ConnSettings {
@@ -204,7 +230,9 @@ impl App {
         let memory = MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?;
         let registry = Arc::new(crate::scheduler::Registry::new(memory.overrides_now()));
         let app = Arc::new(App {
-            cfg: Arc::new(cfg),
+            config: Arc::new(parking_lot::RwLock::new(Arc::new(cfg))),
+            config_path: path,
+            reloads: tokio::sync::watch::Sender::new(0),
             pool,
             budget,
             usage,
@@ -225,7 +253,7 @@ impl App {
     /// HS-2: HTTP sessions idle past `session.http_session_ttl` end (their transcript with
     /// them); checked a few times per TTL until shutdown.
     fn start_http_reaper(self: &Arc<Self>) {
-        let ttl = self.cfg.session.http_session_ttl;
+        let ttl = self.cfg().session.http_session_ttl;
         let every = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
         let (app, stop) = (Arc::downgrade(self), self.shutdown.clone());
         tokio::spawn(async move {
@@ -246,7 +274,7 @@ impl App {
     /// Flushes usage every `usage.flush_interval` until shutdown, then once more.
     fn start_flusher(&self) -> tokio::task::JoinHandle<()> {
         self.usage
-            .spawn_flusher(self.cfg.usage.flush_interval, self.flush_stop.clone())
+            .spawn_flusher(self.cfg().usage.flush_interval, self.flush_stop.clone())
     }
 
     /// Tells every session to close and waits (bounded) until they have, so their usage
@@ -328,6 +356,7 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
 
 /// SIGHUP reads `usage.prices` again (config reload arrives with live operations).
 fn reload_prices(app: &App) {
+    app.reload_and_log();
     match app.usage.reload_prices() {
         Ok(()) => tracing::info!(source = %app.usage.price_source(), "prices reloaded"),
         Err(e) => tracing::error!(error = %e, "price reload failed; the old table stays"),
@@ -337,7 +366,7 @@ fn reload_prices(app: &App) {
 fn routes(app: Arc<App>) -> Router {
     let responses = || get(ws::entry).post(http::create);
     // The admin API is on the client listener unless `admin.listen` gives it its own.
-    let admin = if app.cfg.admin.listen.is_none() {
+    let admin = if app.cfg().admin.listen.is_none() {
         admin::routes()
     } else {
         Router::new()

@@ -37,7 +37,7 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
         Ok(key) => key,
         Err(refusal) => return *refusal,
     };
-    if !app.cfg.ingress.websocket || !key.websocket {
+    if !app.cfg().ingress.websocket || !key.websocket {
         // WS-3: 426 makes Codex fall back to HTTP at once; never 404/405 here.
         return refuse(
             StatusCode::UPGRADE_REQUIRED,
@@ -46,7 +46,7 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
             "WebSocket is not enabled for this key; use HTTP POST /v1/responses.",
         );
     }
-    let params = app.session_params(ClientKind::WebSocket, key, Identity::from_headers(headers));
+    let params = app.session_params(ClientKind::WebSocket, &key, Identity::from_headers(headers));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = client_ws_config(params.cfg.limits.max_client_message_bytes);
     app.sessions.spawn(async move {

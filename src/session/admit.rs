@@ -198,7 +198,8 @@ impl Session {
     fn http_account(&self) -> Option<AccountConfig> {
         let turn = self.turn.as_ref().filter(|t| t.http)?;
         self.p
-            .cfg
+            .current
+            .read()
             .accounts
             .iter()
             .find(|a| a.id == turn.account_id)

@@ -31,6 +31,10 @@ impl Session {
                 Step::Close(1012, "server shutting down")
             }
             Wake::Idle => self.on_idle(),
+            Wake::Reloaded => {
+                self.revoked = self.key_revoked();
+                Step::Go
+            }
         }
     }
 
@@ -115,7 +119,8 @@ impl Session {
                 .param("model"),
             );
         };
-        let account = match scheduler::pick(&self.p.cfg, &self.p.registry, &model) {
+        let now = self.p.current.read().clone();
+        let account = match scheduler::pick(&now, &self.p.registry, &model) {
             Ok(account) => account,
             Err(scheduler::NoAccount::Unknown) => {
                 let e = RelayError::invalid_request(

@@ -51,7 +51,12 @@ pub enum ClientKind {
 /// What a session is started with.
 pub struct SessionParams {
     pub kind: ClientKind,
+    /// The config when the session started: its own timings and limits.
     pub cfg: Arc<Config>,
+    /// The config in force now (reloads swap it): keys and accounts are read from it per turn.
+    pub current: Arc<parking_lot::RwLock<Arc<Config>>>,
+    /// Ticks at every applied reload, so the session re-checks its key (WS-8).
+    pub reloads: tokio::sync::watch::Receiver<u64>,
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
     pub key_id: String,
@@ -82,6 +87,8 @@ enum Wake {
     Silence,
     Ping,
     Shutdown,
+    /// The config was reloaded: is this session's key still there?
+    Reloaded,
     /// No first frame within `session.first_message_timeout`, or no request within
     /// `session.idle_timeout` (WS-8).
     Idle,
@@ -130,6 +137,8 @@ struct Session {
     upstream_turn_state: Option<axum::http::HeaderValue>,
     /// The relay is shutting down: a turn cut now is recorded as `shutdown`.
     shutting_down: bool,
+    /// A reload removed or disabled this session's key: it closes after its running turn.
+    revoked: bool,
 }
 
 /// Runs a session until the client leaves or is closed.
@@ -182,7 +191,9 @@ where
         transcript: Some(Transcript::default()),
         upstream_turn_state: None,
         shutting_down: false,
+        revoked: false,
     };
+    let mut reloads = s.p.reloads.clone();
     let shutdown = s.p.shutdown.clone();
     // One timer each for upstream silence and for WS-8's idle limits, moved only when their
     // deadline changes: every event pushes `silent_at` forward, and re-registering a timer per
@@ -213,6 +224,10 @@ where
             _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick(), if s.p.kind == ClientKind::WebSocket => Wake::Ping,
             _ = shutdown.cancelled() => Wake::Shutdown,
+            r = reloads.changed(), if !s.revoked => match r {
+                Ok(()) => Wake::Reloaded,
+                Err(_) => Wake::Shutdown,
+            },
             _ = &mut idle, if s.turn.is_none() && s.p.kind == ClientKind::WebSocket => Wake::Idle,
         };
         let wake = match (wake, s.silent_at) {

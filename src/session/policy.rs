@@ -68,10 +68,23 @@ impl Session {
         self.http = None;
     }
 
-    /// Starts the next queued request once no turn runs.
+    /// Whether a reload removed or disabled this session's key (WS-8).
+    pub(super) fn key_revoked(&self) -> bool {
+        let now = self.p.current.read().clone();
+        now.keys
+            .iter()
+            .find(|k| k.id == self.p.key_id)
+            .is_none_or(|k| k.disabled)
+    }
+
+    /// Starts the next queued request once no turn runs; a session whose key was revoked
+    /// closes instead (WS-8: after its running turn).
     pub(super) async fn next_queued(&mut self) -> Step {
         if self.turn.is_some() || self.dialing.is_some() {
             return Step::Go;
+        }
+        if self.revoked {
+            return Step::Close(1008, "api key removed or disabled");
         }
         match self.queued.pop_front() {
             Some((req, read)) => self.start_turn(req, read).await,

@@ -208,7 +208,8 @@ impl Session {
             up.break_connection(UpEnd::Io("abandoned for a retry".into()));
         }
         self.http = None;
-        let account = crate::scheduler::pick(&self.p.cfg, &self.p.registry, &turn.model).ok();
+        let now = self.p.current.read().clone();
+        let account = crate::scheduler::pick(&now, &self.p.registry, &turn.model).ok();
         match account {
             Some(a) => {
                 turn.account_id = a.id.clone();

@@ -201,7 +201,7 @@ impl Env {
     pub async fn records(&self) -> Vec<switchyard::usage::Record> {
         let usage = &self.relay.app.usage;
         usage.flush().await.expect("usage flush");
-        let store = switchyard::usage::store::Store::open(&self.relay.app.cfg.store.path)
+        let store = switchyard::usage::store::Store::open(&self.relay.app.cfg().store.path)
             .expect("open the store");
         store
             .records(&switchyard::usage::store::Query::default())
