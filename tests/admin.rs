@@ -258,3 +258,47 @@ async fn tm3_overrides_survive_a_restart_and_the_cli_drives_them() {
         .unwrap();
     assert_eq!(no_token.status.code(), Some(2));
 }
+
+/// A passthrough socket keeps its account and mode until it closes: after a switch to http its
+/// next turn still goes over its own upstream socket, while a new socket's turn goes over http.
+#[tokio::test]
+async fn tm3_passthrough_sockets_keep_their_mode_until_they_close() {
+    let env = relay_from(|url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: up\n    base_url: {url}\n    api_key: sk-up\n    mode: passthrough\nadmin:\n  token: {TOKEN}\n"
+        )
+    })
+    .await;
+    let mut old = env.connect().await;
+    send(&mut old, &create("gpt-test", "first")).await;
+    assert_eq!(
+        read_turn(&mut old).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(
+        post(&env, "up/mode", Some(json!({"mode": "http"}))).await.0,
+        200
+    );
+    send(&mut old, &create("gpt-test", "second")).await;
+    assert_eq!(
+        read_turn(&mut old).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    let log = env.mock.log();
+    assert_eq!(
+        (log.upgrades.len(), log.http_requests),
+        (1, 0),
+        "still its own socket"
+    );
+    let mut new = env.connect().await;
+    send(&mut new, &create("gpt-test", "third")).await;
+    assert_eq!(
+        read_turn(&mut new).await.last().unwrap()["type"],
+        "response.completed"
+    );
+    assert_eq!(
+        env.mock.log().http_requests,
+        1,
+        "a new socket follows the new mode"
+    );
+}
