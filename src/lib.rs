@@ -12,8 +12,10 @@
 //! error reported with its path before any port is bound (OP-4); secrets never print.
 //!
 //! [`server`] is the client-facing front: the axum router that authenticates WebSocket upgrades
-//! before switching protocols (401/403/426 as JSON), hands each socket to a session, answers
-//! `/healthz`, `/readyz` and `/metrics`, and starts the embedded default when no config is given.
+//! before switching protocols (401/403/426 as JSON), hands each socket to a session, serves
+//! `POST /v1/responses` through the same sessions (SSE or JSON), the admin API, `/healthz`,
+//! `/readyz` and `/metrics`; it reloads the config on SIGHUP or a file change, and starts the
+//! embedded default when no config is given.
 //!
 //! [`session`] owns one client socket: its turns one after another, the last response id and
 //! model, the upstream connection it holds, and the errors held back during a turn. Its loop
