@@ -33,7 +33,9 @@
 //! embedded SQLite store, which `switchyard usage` reads.
 //!
 //! [`upstream`] dials an account's WebSocket with its key and the client's identity headers and
-//! runs the connection's reader task, which feeds a bounded channel for the connection's life.
+//! runs the connection's reader task, which feeds a bounded channel for the connection's life;
+//! it pools those connections per account, and also speaks the `http` transport (POST + SSE)
+//! and dials the dedicated sockets of `passthrough` accounts.
 //!
 //! [`protocol`] holds the wire shapes both sides share: error frames in their WebSocket and SSE
 //! forms, and (as the relay path lands) event peeking, request rewriting and the one table that
