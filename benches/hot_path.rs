@@ -114,7 +114,7 @@ fn replay(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(t.bytes() as u64));
     g.sample_size(30);
     g.bench_function("replay_body_1mb", |b| {
-        b.iter(|| black_box(replay_body(black_box(&body), &t, &new_items)))
+        b.iter(|| black_box(replay_body(black_box(&body), &t, &new_items, "a")))
     });
     g.finish();
 }

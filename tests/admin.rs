@@ -302,3 +302,57 @@ async fn tm3_passthrough_sockets_keep_their_mode_until_they_close() {
         "a new socket follows the new mode"
     );
 }
+
+/// CT-7 (issue 11's harness, by hand): account `a` produces encrypted reasoning and a tool call,
+/// then is disabled; the chained turn goes to `b` by replay without `a`'s reasoning and without
+/// the call's id, and `b` (which cannot read `a`'s reasoning) completes it.
+#[tokio::test]
+async fn ct7_a_replay_to_another_account_drops_foreign_encrypted_reasoning() {
+    let opts = switchyard::mock::MockOptions {
+        api_keys: vec!["sk-a".into(), "sk-b".into()],
+        ..Default::default()
+    };
+    let mock = switchyard::mock::MockUpstream::start(opts)
+        .await
+        .expect("mock");
+    let env = relay_on(mock, |url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: a\n    base_url: {url}\n    api_key: sk-a\n  - id: b\n    base_url: {url}\n    api_key: sk-b\nadmin:\n  token: {TOKEN}\n"
+        )
+    })
+    .await;
+    let mut ws = env.connect().await;
+    let tool = r#"[[mock:reason]] [[mock:tool exec_command {"cmd":"echo hi"}]]"#;
+    send(&mut ws, &create("gpt-test", tool)).await;
+    let first = read_turn(&mut ws).await;
+    let response = &first.last().unwrap()["response"];
+    let call = response["output"]
+        .as_array()
+        .and_then(|o| o.iter().find(|i| i["type"] == "function_call"))
+        .cloned()
+        .expect("a function call");
+    assert_eq!(post(&env, "a/disable", None).await.0, 200);
+    let next = json!({"type": "response.create", "model": "gpt-test",
+        "previous_response_id": response["id"],
+        "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "hi\n"}]});
+    send(&mut ws, &next).await;
+    let second = read_turn(&mut ws).await;
+    assert_eq!(
+        second.last().unwrap()["type"],
+        "response.completed",
+        "{second:?}"
+    );
+    let log = env.mock.log();
+    let sent = log.requests.last().unwrap();
+    assert_ne!(
+        sent.account, log.requests[0].account,
+        "the second turn went to b"
+    );
+    let input = sent.body["input"].as_array().unwrap();
+    assert!(input.iter().all(|i| i["type"] != "reasoning"), "{input:?}");
+    let replayed = input
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .expect("call");
+    assert!(replayed.get("id").is_none() && replayed["call_id"] == call["call_id"]);
+}

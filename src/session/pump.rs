@@ -71,7 +71,7 @@ impl Session {
             Some(t) => {
                 self.p.budget.touch(self.p.id);
                 metrics::counter!(metric::REPLAYS).increment(1);
-                Ok(replay_body(&turn.body, t, &turn.new_items))
+                Ok(replay_body(&turn.body, t, &turn.new_items, &turn.account_id))
             }
             None => Err(RelayError::invalid_request(
                 "previous_response_not_found",

@@ -13,12 +13,15 @@ use serde_json::{Map, Value};
 pub struct Entry {
     pub item: Value,
     pub account: Option<String>,
+    /// Which response produced it (0 for input items): CT-7 works within one response.
+    pub response: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Transcript {
     entries: Vec<Entry>,
     bytes: usize,
+    responses: u64,
 }
 
 impl Transcript {
@@ -35,12 +38,16 @@ impl Transcript {
             t.push(Entry {
                 item: item.clone(),
                 account: None,
+                response: 0,
             });
         }
+        t.responses += 1;
+        let response = t.responses;
         for item in output {
             t.push(Entry {
                 item,
                 account: Some(account.to_string()),
+                response,
             });
         }
         t
@@ -69,6 +76,11 @@ impl Transcript {
     }
 }
 
+fn is_encrypted_reasoning(item: &Value) -> bool {
+    item.get("type").and_then(Value::as_str) == Some("reasoning")
+        && item.get("encrypted_content").is_some_and(|c| !c.is_null())
+}
+
 fn json_len(v: &Value) -> usize {
     serde_json::to_vec(v).map_or(0, |b| b.len())
 }
@@ -84,16 +96,34 @@ pub fn input_items(body: &Map<String, Value>) -> Vec<Value> {
     }
 }
 
-/// The request for a full replay (CT-2): the same fields, the transcript followed by the new
-/// items as `input`, and no `previous_response_id`.
+/// The request for a full replay (CT-2) to `account`: the same fields, the transcript followed
+/// by the new items as `input`, and no `previous_response_id`. CT-7: encrypted reasoning that
+/// another account produced is dropped (it would not verify), and so is the `id` of the items
+/// that followed it in the same response (they would point at the missing reasoning).
 pub fn replay_body(
     body: &Map<String, Value>,
     transcript: &Transcript,
     new_items: &[Value],
+    account: &str,
 ) -> String {
     let mut body = body.clone();
     body.remove("previous_response_id");
-    let mut input: Vec<Value> = transcript.entries.iter().map(|e| e.item.clone()).collect();
+    let mut input: Vec<Value> = Vec::with_capacity(transcript.entries.len() + new_items.len());
+    let mut stripped: Option<u64> = None;
+    for e in &transcript.entries {
+        let foreign = e.account.as_deref().is_some_and(|a| a != account);
+        if foreign && is_encrypted_reasoning(&e.item) {
+            stripped = Some(e.response);
+            continue;
+        }
+        let mut item = e.item.clone();
+        if foreign && stripped == Some(e.response) {
+            if let Some(obj) = item.as_object_mut() {
+                obj.remove("id");
+            }
+        }
+        input.push(item);
+    }
     input.extend(new_items.iter().cloned());
     body.insert("input".into(), Value::Array(input));
     Value::Object(body).to_string()
@@ -207,12 +237,47 @@ mod tests {
     }
 
     #[test]
+    fn ct7_foreign_encrypted_reasoning_and_the_ids_after_it_are_dropped() {
+        let reasoning =
+            json!({"type": "reasoning", "id": "rs_1", "encrypted_content": "sealed-by-a"});
+        let call = json!({"type": "function_call", "id": "fc_1", "call_id": "c1", "name": "f"});
+        let t1 = Transcript::advance(
+            None,
+            &[json!("u1")],
+            vec![reasoning.clone(), call.clone()],
+            "a",
+        );
+        let msg = json!({"type": "message", "id": "msg_2", "role": "assistant"});
+        let t = Transcript::advance(Some(t1), &[json!("u2")], vec![msg.clone()], "b");
+        let body = json!({"model": "m"});
+        let replay = |to: &str| -> Value {
+            serde_json::from_str(&replay_body(body.as_object().unwrap(), &t, &[], to)).unwrap()
+        };
+        // To the account that produced it: everything as it was.
+        assert_eq!(
+            replay("a")["input"],
+            json!(["u1", reasoning, call, "u2", {"type": "message", "id": "msg_2", "role": "assistant"}])
+        );
+        // To another: a's reasoning goes, so does the id of the call after it; b's own
+        // message keeps its id.
+        let call_without_id = json!({"type": "function_call", "call_id": "c1", "name": "f"});
+        assert_eq!(
+            replay("b")["input"],
+            json!(["u1", call_without_id, "u2", msg])
+        );
+    }
+
+    #[test]
     fn ct2_replay_drops_previous_response_id_and_puts_the_transcript_first() {
         let t = Transcript::advance(None, &[json!("u1")], vec![json!("o1")], "a");
         let body = json!({"type": "response.create", "model": "m", "previous_response_id": "resp_1", "input": ["new"], "store": false});
-        let replay: Value =
-            serde_json::from_str(&replay_body(body.as_object().unwrap(), &t, &[json!("new")]))
-                .unwrap();
+        let replay: Value = serde_json::from_str(&replay_body(
+            body.as_object().unwrap(),
+            &t,
+            &[json!("new")],
+            "acct1",
+        ))
+        .unwrap();
         assert!(replay.get("previous_response_id").is_none());
         assert_eq!(replay["input"], json!(["u1", "o1", "new"]));
         assert_eq!(
