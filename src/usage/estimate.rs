@@ -61,7 +61,7 @@ fn decoded_len(body: &[u8]) -> Option<u64> {
     None
 }
 
-/// A `\uXXXX` escape (or a surrogate pair of two) at the start of `s`: the UTF-8 length of
+/// A `\u` escape of four hex digits (or a surrogate pair of two) at the start of `s`: the UTF-8 length of
 /// what it stands for, and how many bytes of `s` it took.
 fn unicode_escape(s: &[u8]) -> Option<(u64, usize)> {
     let unit = hex4(s.get(2..6)?)?;
