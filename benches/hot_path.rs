@@ -47,7 +47,7 @@ fn turn() -> Turn {
         body: body.as_object().cloned().unwrap_or_default(),
         chained: false,
         retry_budget: 1,
-        http: false,
+        transport: switchyard::session::turn::Transport::CtxPool,
     })
 }
 

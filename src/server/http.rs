@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::{CancellationToken, PollSender};
 
 use super::auth::{authenticate, refuse};
@@ -253,8 +253,8 @@ impl Drop for Turn {
 
 /// What the session answered, frame by frame.
 enum Answer {
-    /// An event to forward; `true` when it ends the response.
-    Event(String, bool),
+    /// A frame of the session, as its bytes.
+    Event(Utf8Bytes),
     /// The session closed without a terminal (shutdown, or the session failed).
     Closed,
 }
@@ -271,11 +271,7 @@ impl Turn {
     async fn next(rx: &mut mpsc::Receiver<Message>) -> Answer {
         loop {
             match rx.recv().await {
-                Some(Message::Text(t)) => {
-                    let kind = peek::event_type(t.as_str()).unwrap_or_default();
-                    let done = peek::classify(&kind).is_terminal();
-                    return Answer::Event(t.to_string(), done);
-                }
+                Some(Message::Text(t)) => return Answer::Event(t),
                 Some(Message::Close(_)) | None => return Answer::Closed,
                 Some(_) => continue,
             }
@@ -291,8 +287,8 @@ impl Turn {
         }
         loop {
             match Self::next(&mut rx).await {
-                Answer::Event(_, false) => continue,
-                Answer::Event(text, true) => {
+                Answer::Event(text) if !is_terminal(&text) => continue,
+                Answer::Event(text) => {
                     self.done = true;
                     return final_answer(&text);
                 }
@@ -317,10 +313,7 @@ impl Turn {
                 return None;
             }
             let (chunk, seq, ended) = match Self::next(&mut rx).await {
-                Answer::Event(text, done) => {
-                    let (chunk, seq) = sse_chunk(&text, seq);
-                    (chunk, seq, done)
-                }
+                Answer::Event(text) => sse_chunk(&text, seq),
                 Answer::Closed => (closed_chunk(seq), seq + 1, true),
             };
             if ended {
@@ -345,10 +338,12 @@ impl Turn {
 /// One SSE event for a session frame; the relay's WS error frames take the SSE shape (§3).
 /// `count` is how many events went before, which is the next `sequence_number`; events are
 /// forwarded by their peeked type, and only an `error` frame is parsed to be reshaped.
-fn sse_chunk(text: &str, count: u64) -> (String, u64) {
+/// Returns the chunk, the next count, and whether the event ends the response.
+fn sse_chunk(text: &str, count: u64) -> (String, u64, bool) {
     let kind = peek::event_type(text).unwrap_or_default();
+    let done = peek::classify(&kind).is_terminal();
     if kind != "error" {
-        return (sse_event(&kind, text), count + 1);
+        return (sse_event(&kind, text), count + 1, done);
     }
     let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let e = v.get("error").cloned().unwrap_or(Value::Null);
@@ -359,7 +354,11 @@ fn sse_chunk(text: &str, count: u64) -> (String, u64) {
         field("param").as_deref(),
         count,
     );
-    (sse_event("error", &event.to_string()), count + 1)
+    (sse_event("error", &event.to_string()), count + 1, done)
+}
+
+fn is_terminal(text: &str) -> bool {
+    peek::classify(&peek::event_type(text).unwrap_or_default()).is_terminal()
 }
 
 fn closed_chunk(seq: u64) -> String {

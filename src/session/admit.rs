@@ -13,7 +13,7 @@ use super::{Session, Step};
 use crate::config::AccountConfig;
 use crate::error::{RelayError, Retry, Side};
 use crate::state::{self, Slot, StateStore};
-use crate::upstream::{Identity, Lease, Pool};
+use crate::upstream::Lease;
 
 /// What the admission task hands back.
 pub(super) struct Admitted {
@@ -68,14 +68,16 @@ impl Session {
     /// Leases a context of `account` in the background (a dial when none is open); the turn
     /// already holds its slot.
     pub(super) fn lease(&mut self, account: AccountConfig) {
-        if self.turn.as_ref().is_some_and(|t| t.http) {
+        if self.turn.as_ref().is_some_and(|t| t.is_http()) {
             return self.start_http(account);
         }
         let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
         let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
         self.dialing = Some(tokio::spawn(async move {
-            let lease = lease_context(&pool, &account, session, &identity, depth, deadline).await?;
+            let lease = pool
+                .lease(&account, session, &identity, depth, deadline)
+                .await?;
             Ok(Admitted {
                 slot: None,
                 lease: Some(lease),
@@ -90,13 +92,16 @@ impl Session {
         let store = self.p.state.clone();
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
         // An HTTP turn takes no context: its request starts once the slot is there.
-        let held = self.waiting_lease.is_some() || self.turn.as_ref().is_some_and(|t| t.http);
+        let held = self.waiting_lease.is_some() || self.turn.as_ref().is_some_and(|t| t.is_http());
         self.dialing = Some(tokio::spawn(async move {
             let slot = wait_slot(&store, &scope, &account, deadline).await?;
             let lease = if held {
                 None
             } else {
-                Some(lease_context(&pool, &account, session, &identity, depth, deadline).await?)
+                Some(
+                    pool.lease(&account, session, &identity, depth, deadline)
+                        .await?,
+                )
             };
             Ok(Admitted {
                 slot: Some(slot),
@@ -158,18 +163,6 @@ impl Session {
     }
 }
 
-async fn lease_context(
-    pool: &Arc<Pool>,
-    account: &AccountConfig,
-    session: u64,
-    identity: &Identity,
-    depth: usize,
-    deadline: Instant,
-) -> Result<Lease, RelayError> {
-    pool.lease(account, session, identity, depth, deadline)
-        .await
-}
-
 async fn wait_slot(
     store: &Arc<dyn StateStore>,
     scope: &str,
@@ -196,7 +189,7 @@ fn no_capacity(account: &AccountConfig) -> RelayError {
 impl Session {
     /// The running turn's account when it goes over HTTP.
     fn http_account(&self) -> Option<AccountConfig> {
-        let turn = self.turn.as_ref().filter(|t| t.http)?;
+        let turn = self.turn.as_ref().filter(|t| t.is_http())?;
         self.p
             .current
             .read()

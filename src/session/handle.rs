@@ -179,7 +179,11 @@ impl Session {
             body,
             chained,
             retry_budget: self.p.cfg.upstream.retry_budget,
-            http,
+            transport: if http {
+                super::turn::Transport::Http
+            } else {
+                super::turn::Transport::CtxPool
+            },
         }));
         if http {
             // A held WebSocket context is no use to an HTTP turn; it goes back to the pool.

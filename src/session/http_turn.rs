@@ -60,10 +60,7 @@ impl Session {
     /// A frame of the running HTTP request.
     pub(super) fn on_http(&mut self, f: Option<UpFrame>) -> Step {
         match f {
-            Some(UpFrame::Event(text)) => match ws_error_of_sse(&text) {
-                Some(frame) => self.on_upstream_event(frame.into()),
-                None => self.on_upstream_event(text),
-            },
+            Some(UpFrame::Event(text)) => self.on_upstream_event(text),
             Some(UpFrame::Ended(end)) => {
                 self.http = None;
                 self.retry_or_fail(RelayError::upstream_lost(end.describe()))
@@ -103,10 +100,8 @@ impl Session {
 /// HS-5/§3: an SSE `error` event (top-level `code`/`message`/`param`) becomes the WebSocket
 /// error frame (`status`, `error: {type, code, message, param}`); the status is 500 unless
 /// the code is one CT-11 reports as 400 or 429. Other events pass as they are.
-fn ws_error_of_sse(text: &str) -> Option<String> {
-    if crate::protocol::peek::event_type(text).as_deref() != Some("error") {
-        return None;
-    }
+/// Called for `error` events only (the caller peeked the type).
+pub(super) fn ws_error_of_sse(text: &str) -> Option<String> {
     let v: Value = serde_json::from_str(text).ok()?;
     if v.get("error").is_some_and(Value::is_object) {
         return None;

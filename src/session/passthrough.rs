@@ -241,9 +241,8 @@ impl Session {
             body,
             chained: false,
             retry_budget: 0,
-            http: false,
+            transport: super::turn::Transport::Passthrough,
         });
-        t.passthrough = true;
         t.mark_written(text.len());
         Some(t)
     }

@@ -121,6 +121,13 @@ impl Session {
             Some(tokio::time::Instant::now() + self.p.cfg.upstream.stream_idle_timeout);
         let kind = peek::event_type(text.as_str()).unwrap_or_default();
         let class = peek::classify(&kind);
+        if class == EventClass::Error && turn.is_http() {
+            // HS-5: an SSE error event takes the WebSocket shape the client side speaks (the
+            // reshaped frame is not SSE-shaped, so this happens once).
+            if let Some(frame) = super::http_turn::ws_error_of_sse(text.as_str()) {
+                return self.on_upstream_event(frame.into());
+            }
+        }
         if class == EventClass::Error && !turn.output_sent {
             // CT-8 (the cache was lost behind the relay's back on the fast path) and CT-9
             // (connection limit): the client never sees this error, the turn goes again.
@@ -157,11 +164,9 @@ impl Session {
 
     /// The upstream connection is gone (close, EOF, missing pong, oversized event).
     fn upstream_ended(&mut self, end: UpEnd) -> Step {
-        // The connection's task tells the lease before the pool hears its verdict: say it to
-        // the pool now, so a retry cannot lease the same dead connection.
-        if let Some(up) = self.upstream.take() {
-            up.break_connection(end.clone());
-        }
+        // The pool already has the verdict (the connection's task reports it before telling
+        // the lease), so a retry cannot lease this connection again.
+        self.upstream = None;
         if self.turn.is_none() {
             tracing::debug!(?end, "idle upstream connection ended");
             return Step::Go;

@@ -10,17 +10,6 @@ use crate::error::{RelayError, Side};
 use crate::telemetry::metric;
 use crate::usage::{self, Record, TimingsMs, Tokens};
 
-/// What the transport of a turn is called in records and metrics.
-fn transport(turn: &super::turn::Turn) -> &'static str {
-    if turn.passthrough {
-        "passthrough"
-    } else if turn.http {
-        "http"
-    } else {
-        "ctx_pool"
-    }
-}
-
 /// A `response.create` as read: what its record needs whatever becomes of it.
 pub(super) struct Read {
     pub request_id: String,
@@ -75,7 +64,7 @@ impl Session {
     /// Closes the books on `turn`: metrics, the log line, and its usage record.
     pub(super) fn record_turn(&self, turn: &mut Turn, end: Ending) {
         let timings = turn.finish().clone();
-        observe(end.status, transport(turn), &timings);
+        observe(end.status, turn.transport.as_str(), &timings);
         let (tokens, estimated) = turn.tokens(end.usage);
         let (error_class, error_side) = split(end.error);
         let r = Record {
@@ -87,7 +76,7 @@ impl Session {
             session: self.p.tag.clone(),
             seq: turn.seq,
             model: Some(turn.model.clone()),
-            transport: transport(turn).into(),
+            transport: turn.transport.as_str().into(),
             warm_up: turn.warm_up,
             status: end.status,
             cost_usd: self.p.usage.cost(Some(&turn.model), &tokens),

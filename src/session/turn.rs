@@ -10,6 +10,28 @@ use crate::usage::{TimingsMs as Timings, Tokens};
 
 pub use crate::usage::Status as TurnStatus;
 
+/// How a turn reaches the upstream (TM-1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A pooled upstream WebSocket context.
+    CtxPool,
+    /// `POST /responses` with SSE.
+    Http,
+    /// The client socket's own upstream WebSocket: watched, not driven.
+    Passthrough,
+}
+
+impl Transport {
+    /// The name in usage records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::CtxPool => "ctx_pool",
+            Transport::Http => "http",
+            Transport::Passthrough => "passthrough",
+        }
+    }
+}
+
 /// A running turn.
 #[derive(Debug)]
 pub struct Turn {
@@ -49,10 +71,8 @@ pub struct Turn {
     abandoned: Tokens,
     /// The account's turn slot (SC-3), released when the turn ends.
     pub slot: Option<crate::state::Slot>,
-    /// Whether the turn goes upstream over HTTP (TM-1) rather than a pooled WebSocket.
-    pub http: bool,
-    /// Whether the turn runs on a passthrough socket (TM-1): watched, not driven.
-    pub passthrough: bool,
+    /// How the turn reaches the upstream (TM-1).
+    pub transport: Transport,
 }
 
 /// What a turn starts from.
@@ -68,7 +88,7 @@ pub struct TurnStart {
     pub body: Map<String, Value>,
     pub chained: bool,
     pub retry_budget: u32,
-    pub http: bool,
+    pub transport: Transport,
 }
 
 impl Turn {
@@ -100,13 +120,16 @@ impl Turn {
             streamed_bytes: 0,
             abandoned: Tokens::default(),
             slot: None,
-            http: t.http,
-            passthrough: false,
+            transport: t.transport,
         }
     }
 
     fn since_start(&self) -> f64 {
         self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    pub fn is_http(&self) -> bool {
+        self.transport == Transport::Http
     }
 
     /// TP-8: the turn got its slot after waiting for one.
@@ -263,7 +286,7 @@ mod tests {
             body: body.as_object().cloned().unwrap_or_default(),
             chained: false,
             retry_budget: 1,
-            http: false,
+            transport: Transport::CtxPool,
         })
     }
 
