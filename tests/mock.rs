@@ -1184,3 +1184,58 @@ async fn wait_for(cond: impl Fn() -> bool) {
     .await
     .expect("hang guard: condition never held");
 }
+
+#[tokio::test]
+async fn outage_refuses_upgrades_and_posts_until_it_ends_and_fail_rate_fails_before_output() {
+    let m = mock().await;
+    let control = |path: &str| format!("http://{}/__mock/{path}", m.addr);
+    let http = reqwest::Client::new();
+    let r = http
+        .post(control("outage"))
+        .json(&json!({"status": 503, "retry_after": "7"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    for _ in 0..2 {
+        let err = ws_connect_with(&ws_url(&m), "k1", &[])
+            .await
+            .expect_err("refused");
+        let tokio_tungstenite::tungstenite::Error::Http(resp) = err else {
+            panic!("http refusal")
+        };
+        assert_eq!(resp.status().as_u16(), 503);
+        assert_eq!(resp.headers()["retry-after"], "7");
+    }
+    let post = http
+        .post(format!("{}/responses", m.base_url()))
+        .bearer_auth("k1")
+        .json(&json!({"model": "gpt-test", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 503);
+    let log = m.log();
+    assert_eq!((log.refused_upgrades, log.refused_posts), (2, 1));
+    http.delete(control("outage")).send().await.unwrap();
+    let mut ws = ws_connect(&ws_url(&m), "k1").await;
+    // Every request fails at 1000 per mille, none at 0.
+    http.post(control("fail_rate"))
+        .json(&json!({"per_mille": 1000}))
+        .send()
+        .await
+        .unwrap();
+    send(&mut ws, &create("gpt-test", "hi")).await;
+    let failed = read_turn(&mut ws).await;
+    assert_eq!(failed.last().unwrap()["type"], "error", "{failed:?}");
+    assert_eq!(failed.last().unwrap()["error"]["code"], "server_error");
+    assert!(failed
+        .iter()
+        .all(|e| e["type"] != "response.output_item.added"));
+    m.set_fail_rate(0);
+    send(&mut ws, &create("gpt-test", "hi")).await;
+    assert_eq!(
+        read_turn(&mut ws).await.last().unwrap()["type"],
+        "response.completed"
+    );
+}

@@ -58,6 +58,9 @@ pub struct Config {
     /// Usage recording and pricing (US-1, US-2).
     #[serde(deserialize_with = "value::null_as_default")]
     pub usage: UsageConfig,
+    /// Account choice, breakers and bindings (SC-2, SC-5).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub scheduler: SchedulerConfig,
 }
 
 impl Default for Config {
@@ -73,6 +76,38 @@ impl Default for Config {
             session: SessionConfig::default(),
             store: StoreConfig::default(),
             usage: UsageConfig::default(),
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// The per-turn account choice (SC-2) and the circuit breaker (SC-5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of scheduler settings"
+)]
+pub struct SchedulerConfig {
+    /// Consecutive upstream failures of an account that open its breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the account out (also a 429 without `Retry-After`).
+    #[serde(deserialize_with = "value::duration")]
+    pub breaker_cooldown: Duration,
+    /// Turns let through at once when the cooldown is over (half-open).
+    pub breaker_probes: u32,
+    /// How long a stored response stays bound to its account (SC-2).
+    #[serde(deserialize_with = "value::duration")]
+    pub binding_ttl: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            breaker_probes: 1,
+            binding_ttl: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -216,6 +251,11 @@ pub struct AccountConfig {
     pub max_conns: usize,
     /// Turns running at once on this account (SC-3); an idle socket holds no slot.
     pub concurrency: usize,
+    /// SC-2: the lowest number among eligible accounts is tried first; others are fallbacks.
+    pub priority: u32,
+    /// SC-2: the account's share of its priority tier, relative to the others' (capacity is
+    /// `concurrency × weight`).
+    pub weight: f64,
     /// Extra headers sent upstream; names the relay sets itself are refused at load.
     #[serde(deserialize_with = "value::null_as_default")]
     pub headers: BTreeMap<String, String>,
@@ -234,6 +274,8 @@ impl Default for AccountConfig {
             models: vec!["*".to_owned()],
             max_conns: 16,
             concurrency: 16,
+            priority: 0,
+            weight: 1.0,
             headers: BTreeMap::new(),
             resolved_api_key: Secret::default(),
         }

@@ -490,3 +490,33 @@ fn op4_errors_are_listed_in_file_order() {
         ["session.pump_channel", "keys[0]", "keys[1].bogus", "listen"]
     );
 }
+
+#[test]
+fn sc2_sc5_scheduler_keys_and_account_priority_weight() {
+    let cfg = parse(
+        "scheduler: {breaker_failures: 2, breaker_cooldown: 5s, breaker_probes: 3, binding_ttl: 10m}\n\
+         accounts:\n  - {id: a, base_url: 'http://x/v1', api_key: k, priority: 2, weight: 0.5}\n  \
+         - {id: b, base_url: 'http://x/v1', api_key: k}",
+    )
+    .unwrap();
+    let s = &cfg.scheduler;
+    assert_eq!((s.breaker_failures, s.breaker_probes), (2, 3));
+    assert_eq!(s.breaker_cooldown, Duration::from_secs(5));
+    assert_eq!(s.binding_ttl, Duration::from_secs(600));
+    assert_eq!((cfg.accounts[0].priority, cfg.accounts[0].weight), (2, 0.5));
+    assert_eq!((cfg.accounts[1].priority, cfg.accounts[1].weight), (0, 1.0));
+    let errs = errors(
+        "scheduler: {breaker_failures: 0, breaker_cooldown: 0s, breaker_probes: 0, binding_ttl: 0s}\n\
+         accounts:\n  - {id: a, base_url: 'http://x/v1', api_key: k, weight: 0}",
+    );
+    assert_eq!(errs.len(), 5, "{errs}");
+    assert_eq!(
+        message_at(&errs, "scheduler.breaker_failures"),
+        "must be at least 1"
+    );
+    assert_eq!(
+        message_at(&errs, "scheduler.binding_ttl"),
+        "must be greater than zero"
+    );
+    assert!(message_at(&errs, "accounts[0].weight").contains("greater than zero"));
+}

@@ -81,6 +81,7 @@ pub(super) fn validate(
     check_limits(cfg, &mut c);
     check_session(cfg, &mut c);
     check_usage(cfg, &mut c);
+    check_scheduler(cfg, &mut c);
     check_admin(&mut cfg.admin, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
@@ -109,6 +110,24 @@ fn check_upstream(cfg: &Config, c: &mut Checker<'_>) {
             "upstream.max_message_bytes",
             format!("must be at least {MIN_UPSTREAM_MESSAGE_BYTES}"),
         );
+    }
+}
+
+fn check_scheduler(cfg: &Config, c: &mut Checker<'_>) {
+    let s = &cfg.scheduler;
+    if s.breaker_failures < 1 {
+        c.error("scheduler.breaker_failures", "must be at least 1");
+    }
+    if s.breaker_probes < 1 {
+        c.error("scheduler.breaker_probes", "must be at least 1");
+    }
+    for (name, value) in [
+        ("breaker_cooldown", s.breaker_cooldown),
+        ("binding_ttl", s.binding_ttl),
+    ] {
+        if value.is_zero() {
+            c.error(format!("scheduler.{name}"), "must be greater than zero");
+        }
     }
 }
 
@@ -340,6 +359,12 @@ fn check_accounts(accounts: &mut [AccountConfig], c: &mut Checker<'_>) {
         }
         if account.max_conns < 1 {
             c.error(format!("{base}.max_conns"), "must be at least 1");
+        }
+        if !(account.weight.is_finite() && account.weight > 0.0) {
+            c.error(
+                format!("{base}.weight"),
+                "must be a number greater than zero",
+            );
         }
         check_headers(account, &base, c);
     }

@@ -15,8 +15,10 @@
 //!   `[[mock:fixture NAME]]`, `[[mock:fault KIND ...]]` in the last user message (see
 //!   [`script`]); `metadata.bench_events` asks for a paced, time-stamped benchmark answer
 //!   ([`bench`], used by `switchyard loadgen`); the control API under `/__mock/` queues faults
-//!   and handshake refusals, makes every open connection deaf or closes it, and shows what the
-//!   mock saw (pings received and open connections included).
+//!   and handshake refusals, starts and ends an outage (every upgrade and `POST` refused),
+//!   fails a share of requests at random with a 500 before output, makes every open connection
+//!   deaf or closes it, and shows what the mock saw (pings received and open connections
+//!   included).
 //! - Events go out as the real API writes them, `type` first.
 
 pub mod bench;
@@ -116,6 +118,20 @@ impl MockUpstream {
         });
     }
 
+    /// Starts an outage (every upgrade and `POST` refused with `status`), or ends it (`None`).
+    pub fn set_outage(&self, outage: Option<(u16, Option<&str>)>) {
+        self.state
+            .set_outage(outage.map(|(status, retry_after)| HandshakeFault {
+                status,
+                retry_after: retry_after.map(str::to_string),
+            }));
+    }
+
+    /// Fails `per_mille` of the requests with a 500 `server_error` before any output.
+    pub fn set_fail_rate(&self, per_mille: u64) {
+        self.state.set_fail_rate(per_mille);
+    }
+
     /// Every connection forgets its cached response (as after an upstream restart).
     pub fn forget_all(&self) {
         self.state.forget_epoch.fetch_add(1, Ordering::Relaxed);
@@ -170,6 +186,8 @@ pub fn router(state: Arc<MockState>) -> Router {
         .route("/__mock/deaf", post(deafen))
         .route("/__mock/close", post(close))
         .route("/__mock/reset", post(reset))
+        .route("/__mock/outage", post(start_outage).delete(end_outage))
+        .route("/__mock/fail_rate", post(fail_rate))
         .with_state(state)
 }
 
@@ -252,6 +270,10 @@ fn handshake_refusal(f: &HandshakeFault) -> Response {
 }
 
 async fn create(State(state): Shared, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(f) = state.outage() {
+        state.with_log(|l| l.refused_posts += 1);
+        return handshake_refusal(&f);
+    }
     match state.account_for(bearer(&headers)) {
         Some(account) => http::create(state, account, body).await,
         None => unauthorized(),
@@ -299,6 +321,26 @@ struct CloseBody {
 
 async fn close(State(state): Shared, Json(body): Json<CloseBody>) -> StatusCode {
     state.close_all(body.code);
+    StatusCode::NO_CONTENT
+}
+
+async fn start_outage(State(state): Shared, Json(body): Json<HandshakeFault>) -> StatusCode {
+    state.set_outage(Some(body));
+    StatusCode::NO_CONTENT
+}
+
+async fn end_outage(State(state): Shared) -> StatusCode {
+    state.set_outage(None);
+    StatusCode::NO_CONTENT
+}
+
+#[derive(serde::Deserialize)]
+struct FailRateBody {
+    per_mille: u64,
+}
+
+async fn fail_rate(State(state): Shared, Json(body): Json<FailRateBody>) -> StatusCode {
+    state.set_fail_rate(body.per_mille);
     StatusCode::NO_CONTENT
 }
 

@@ -65,6 +65,8 @@ pub struct SeenUpgrade {
 pub struct MockLog {
     pub upgrades: Vec<SeenUpgrade>,
     pub refused_upgrades: u64,
+    /// `POST`s refused by an outage (`set_outage`).
+    pub refused_posts: u64,
     pub http_requests: u64,
     pub requests: Vec<SeenRequest>,
     pub stream_ends: Vec<StreamEnd>,
@@ -167,6 +169,12 @@ pub struct MockState {
     fired: Mutex<HashSet<String>>,
     faults: Mutex<VecDeque<Fault>>,
     handshakes: Mutex<VecDeque<HandshakeFault>>,
+    /// While set, every upgrade and every `POST` is refused with it (an account outage).
+    outage: Mutex<Option<HandshakeFault>>,
+    /// Requests failed at random, per thousand, with a 500 `server_error` before any output.
+    fail_per_mille: AtomicU64,
+    /// The random source of `fail_per_mille` (xorshift, seeded: runs repeat).
+    rng: Mutex<u64>,
     log: Mutex<MockLog>,
     next_conn: AtomicU64,
     /// Bumped by "forget": connections compare it with theirs and drop their cache.
@@ -186,6 +194,9 @@ impl MockState {
             fired: Mutex::default(),
             faults: Mutex::default(),
             handshakes: Mutex::default(),
+            outage: Mutex::default(),
+            fail_per_mille: AtomicU64::new(0),
+            rng: Mutex::new(0x9E37_79B9_7F4A_7C15),
             log: Mutex::default(),
             next_conn: AtomicU64::new(1),
             forget_epoch: AtomicU64::new(0),
@@ -234,6 +245,16 @@ impl MockState {
         if let Some(f) = self.faults.lock().pop_front() {
             return Some(f);
         }
+        if self.random_failure() {
+            return Some(Fault {
+                kind: super::script::FaultKind::Error {
+                    status: 500,
+                    code: "server_error".into(),
+                },
+                after: 2,
+                once: None,
+            });
+        }
         let f = directive?;
         match &f.once {
             Some(name) if !self.fired.lock().insert(name.clone()) => None,
@@ -249,8 +270,40 @@ impl MockState {
         self.handshakes.lock().push_back(f);
     }
 
+    /// The refusal for an upgrade: a queued one first, else the outage's.
     pub fn take_handshake(&self) -> Option<HandshakeFault> {
-        self.handshakes.lock().pop_front()
+        let queued = self.handshakes.lock().pop_front();
+        queued.or_else(|| self.outage())
+    }
+
+    /// Starts (`Some`) or ends (`None`) an outage: while it lasts every upgrade and every
+    /// `POST` is refused with its status (open connections are left alone; `close_all` ends
+    /// them).
+    pub fn set_outage(&self, f: Option<HandshakeFault>) {
+        *self.outage.lock() = f;
+    }
+
+    pub fn outage(&self) -> Option<HandshakeFault> {
+        self.outage.lock().clone()
+    }
+
+    /// Fails this share of requests (per thousand) with a 500 `server_error` error event before
+    /// any output.
+    pub fn set_fail_rate(&self, per_mille: u64) {
+        self.fail_per_mille
+            .store(per_mille.min(1000), Ordering::Relaxed);
+    }
+
+    fn random_failure(&self) -> bool {
+        let rate = self.fail_per_mille.load(Ordering::Relaxed);
+        if rate == 0 {
+            return false;
+        }
+        let mut x = self.rng.lock();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x % 1000 < rate
     }
 
     pub fn next_conn(&self) -> u64 {
@@ -309,6 +362,8 @@ impl MockState {
         self.fired.lock().clear();
         self.faults.lock().clear();
         self.handshakes.lock().clear();
+        *self.outage.lock() = None;
+        self.fail_per_mille.store(0, Ordering::Relaxed);
         *self.log.lock() = MockLog::default();
         self.forget_epoch.fetch_add(1, Ordering::Relaxed);
     }
