@@ -48,6 +48,8 @@ fn turn() -> Turn {
         chained: false,
         retry_budget: 1,
         transport: switchyard::session::turn::Transport::CtxPool,
+        ticket: None,
+        bound: false,
     })
 }
 

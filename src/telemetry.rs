@@ -22,6 +22,17 @@ pub mod metric {
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";
     pub const WS_FAILURES: &str = "switchyard_upstream_ws_failures_total";
     pub const WS_FALLBACKS: &str = "switchyard_upstream_ws_fallbacks_total";
+    /// Upstream failures counted against an account's breaker (SC-5).
+    pub const ACCOUNT_FAILURES: &str = "switchyard_account_failures_total";
+    pub const BREAKER_OPENED: &str = "switchyard_breaker_opened_total";
+    /// 0 closed, 1 open (half-open shows as closed again once a probe succeeds).
+    pub const BREAKER_STATE: &str = "switchyard_breaker_open";
+    pub const ACCOUNT_COOLDOWNS: &str = "switchyard_account_cooldowns_total";
+    pub const ACCOUNTS_AUTO_DISABLED: &str = "switchyard_accounts_auto_disabled_total";
+    /// Account choices by how they were made: `bound`, `sticky`, `balanced` (SC-2).
+    pub const ACCOUNT_CHOICES: &str = "switchyard_account_choices_total";
+    /// Turns moved to another account before any output (SC-4).
+    pub const FAILOVERS: &str = "switchyard_turn_failovers_total";
     pub const SESSIONS_RUNNING: &str = "switchyard_sessions_running";
     pub const POOL_COUNTS: &str = "switchyard_upstream_pool";
     pub const USAGE_FLUSHED: &str = "switchyard_usage_records_flushed_total";

@@ -317,7 +317,7 @@ async fn ct7_a_replay_to_another_account_drops_foreign_encrypted_reasoning() {
         .expect("mock");
     let env = relay_on(mock, |url| {
         format!(
-            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: a\n    base_url: {url}\n    api_key: sk-a\n  - id: b\n    base_url: {url}\n    api_key: sk-b\nadmin:\n  token: {TOKEN}\n"
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: a\n    base_url: {url}\n    api_key: sk-a\n  - id: b\n    base_url: {url}\n    api_key: sk-b\n    priority: 1\nadmin:\n  token: {TOKEN}\n"
         )
     })
     .await;

@@ -506,8 +506,8 @@ fn op4_every_bad_value_names_its_path() {
             "accounts[0].headers.a b",
         ),
         (
-            format!("accounts: [{{{acct}, priority: 1}}]"),
-            "accounts[0].priority",
+            format!("accounts: [{{{acct}, weight: 0}}]"),
+            "accounts[0].weight",
         ),
         (
             "limits: {max_client_message_bytes: 1023}".into(),

@@ -690,9 +690,10 @@ async fn ws7_wrong_account_key_fails_the_turn_with_502() {
     assert_error(&events[0], 502, "upstream_connection_lost", None);
     let log = env.mock.log();
     assert_eq!(
-        log.refused_upgrades, 2,
-        "the first dial and its CT-9 retry (retry_budget 1)"
+        log.refused_upgrades, 1,
+        "UP-8: the 401 disabled the account, so there is nothing to retry on"
     );
+    assert!(!env.relay.app.registry.enabled("up"));
     assert!(log.upgrades.is_empty());
     assert!(log.requests.is_empty());
 }

@@ -704,23 +704,24 @@ async fn ct10_upstream_handshake_refusal_is_502_and_the_next_turn_works() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Account choice (stopgap of SC-2: first account in config order serving the model, per turn)
+// Account choice per turn (SC-2): the model is re-checked every turn; the session sticks to its
+// account while that serves the model.
 
 #[tokio::test]
-async fn sc2_stopgap_first_account_serving_the_model_is_chosen_every_turn() {
+async fn sc2_the_account_is_chosen_for_the_model_every_turn() {
     let b = switchyard::mock::MockUpstream::start(switchyard::mock::MockOptions::default())
         .await
         .expect("mock b");
     let b_url = b.base_url();
     let env = relay_from(|a_url| {
         format!(
-            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: a\n    base_url: {a_url}\n    api_key: sk-a\n    models: [\"gpt-a*\"]\n  - id: b\n    base_url: {b_url}\n    api_key: sk-b\n    models: [\"gpt-*\"]\n"
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\naccounts:\n  - id: a\n    base_url: {a_url}\n    api_key: sk-a\n    models: [\"gpt-a*\"]\n  - id: b\n    base_url: {b_url}\n    api_key: sk-b\n    models: [\"gpt-*\"]\n    priority: 1\n"
         )
     })
     .await;
     let a = &env.mock;
     let mut ws = env.connect().await;
-    // gpt-a1 is served by both: the first in config order wins.
+    // gpt-a1 is served by both: the first priority tier wins.
     send(&mut ws, &create("gpt-a1", "to a")).await;
     assert_eq!(last_type(&read_turn(&mut ws).await), "response.completed");
     assert_eq!((a.log().requests.len(), b.log().requests.len()), (1, 0));
@@ -729,9 +730,10 @@ async fn sc2_stopgap_first_account_serving_the_model_is_chosen_every_turn() {
     assert_eq!(last_type(&read_turn(&mut ws).await), "response.completed");
     assert_eq!((a.log().requests.len(), b.log().requests.len()), (1, 1));
     assert_eq!(b.log().requests[0].body["model"], "gpt-b");
-    send(&mut ws, &create("gpt-a2", "back to a")).await;
+    // b serves gpt-a2 too: the session stays where it is.
+    send(&mut ws, &create("gpt-a2", "sticky b")).await;
     assert_eq!(last_type(&read_turn(&mut ws).await), "response.completed");
-    assert_eq!((a.log().requests.len(), b.log().requests.len()), (2, 1));
+    assert_eq!((a.log().requests.len(), b.log().requests.len()), (1, 2));
     // Served by none.
     send(&mut ws, &create("o3", "nobody")).await;
     assert_error(
@@ -741,7 +743,7 @@ async fn sc2_stopgap_first_account_serving_the_model_is_chosen_every_turn() {
         "model_not_found",
         Some("model"),
     );
-    assert_eq!((a.log().requests.len(), b.log().requests.len()), (2, 1));
+    assert_eq!((a.log().requests.len(), b.log().requests.len()), (1, 2));
     send(&mut ws, &create("gpt-a1", "still here")).await;
     assert_eq!(last_type(&read_turn(&mut ws).await), "response.completed");
 }

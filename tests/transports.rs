@@ -215,7 +215,8 @@ async fn tm1_force_http_makes_every_account_http() {
 
 /// §3/HS-5 across shapes: an `http` account's upstream refusing the request with an HTTP status
 /// reaches a WebSocket client as an error frame with that `status`, and an HTTP client as that
-/// status with the `{"error": ...}` body; both are `error` records on the upstream's side.
+/// status with the `{"error": ...}` body; both are `error` records on the upstream's side. A
+/// 401 refuses the account's credential, which disables it (UP-8): later turns get 503.
 #[tokio::test]
 async fn hs5_upstream_http_errors_keep_their_status_on_both_ingresses() {
     let opts = switchyard::mock::MockOptions {
@@ -231,7 +232,28 @@ async fn hs5_upstream_http_errors_keep_their_status_on_both_ingresses() {
         )
     })
     .await;
+    let post = || {
+        reqwest::Client::new()
+            .post(env.http_url("/v1/responses"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "gpt-test", "input": "hi"}))
+            .send()
+    };
+    // The request's own fault (a 400) leaves the account alone, on both ingresses.
+    env.mock.set_outage(Some((400, None)));
+    let resp = post().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "mock_handshake_fault", "{body}");
     let mut ws = env.connect().await;
+    send(&mut ws, &create("gpt-test", "hi")).await;
+    let e = &read_turn(&mut ws).await[0];
+    assert_eq!(
+        (e["status"].as_u64(), e["error"]["code"].as_str()),
+        (Some(400), Some("mock_handshake_fault")),
+        "{e}"
+    );
+    env.mock.set_outage(None);
     send(&mut ws, &create("gpt-test", "hi")).await;
     let frames = read_turn(&mut ws).await;
     let e = &frames[0];
@@ -241,67 +263,18 @@ async fn hs5_upstream_http_errors_keep_their_status_on_both_ingresses() {
         "{e}"
     );
     assert_eq!(e["error"]["code"], "invalid_api_key", "{e}");
-    let resp = reqwest::Client::new()
-        .post(env.http_url("/v1/responses"))
-        .bearer_auth(KEY)
-        .json(&json!({"model": "gpt-test", "input": "hi"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
-    let body: Value = resp.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "invalid_api_key", "{body}");
-    let records = env.records_when(2).await;
+    let records = env.records_when(3).await;
     for r in &records {
         assert_eq!(r.status, Status::Error);
         assert_eq!(r.error_side.as_deref(), Some("upstream_protocol"));
     }
-}
-
-/// TM-4: after `ws_failure_burst` WebSocket failures within `ws_fallback_cooldown`, the
-/// account's new turns go over http for the cooldown, then over WebSocket again.
-#[tokio::test]
-async fn tm4_failing_websocket_sends_new_turns_over_http_for_the_cooldown() {
-    let env = relay("upstream:\n  ws_failure_burst: 2\n  ws_fallback_cooldown: 300ms\n").await;
-    env.mock.push_handshake(500, None);
-    env.mock.push_handshake(500, None);
-    let mut ws = env.connect().await;
-    // The dial and its retry are both refused with 500: two failures, the turn is lost.
-    send(&mut ws, &create("gpt-test", "one")).await;
-    let lost = read_turn(&mut ws).await;
+    let resp = post().await.unwrap();
     assert_eq!(
-        lost[0]["error"]["code"], "upstream_connection_lost",
-        "{lost:?}"
+        resp.status(),
+        503,
+        "UP-8: the refused credential disabled the account"
     );
-    // In the cooldown: over http.
-    send(&mut ws, &create("gpt-test", "two")).await;
-    assert_eq!(
-        read_turn(&mut ws).await.last().unwrap()["type"],
-        "response.completed"
-    );
-    let log = env.mock.log();
-    assert_eq!(
-        (log.refused_upgrades, log.upgrades.len(), log.http_requests),
-        (2, 0, 1)
-    );
-    // After it: WebSocket again. (Waiting past the cooldown is a precondition, not a timing.)
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    send(&mut ws, &create("gpt-test", "three")).await;
-    assert_eq!(
-        read_turn(&mut ws).await.last().unwrap()["type"],
-        "response.completed"
-    );
-    let log = env.mock.log();
-    assert_eq!((log.upgrades.len(), log.http_requests), (1, 1));
-    let records = env.records_when(3).await;
-    let transports: Vec<(u64, &str)> = records
-        .iter()
-        .map(|r| (r.seq, r.transport.as_str()))
-        .collect();
-    assert!(
-        transports.contains(&(2, "http")) && transports.contains(&(3, "ctx_pool")),
-        "{transports:?}"
-    );
+    assert!(!env.relay.app.registry.enabled("up"));
 }
 
 /// §3/HS-5: an SSE `error` event inside a 200 stream reaches a WebSocket client as the WS error

@@ -39,6 +39,8 @@ struct AccountView {
     draining: bool,
     #[serde(rename = "override")]
     overridden: Option<Override>,
+    /// SC-5: breaker, rate-limit cooldown, error rate, time to first token.
+    health: crate::scheduler::health::HealthView,
     live: Live,
 }
 
@@ -88,6 +90,7 @@ fn view(app: &App, a: &AccountConfig) -> AccountView {
         enabled: app.registry.enabled(&a.id),
         draining: app.registry.draining(&a.id),
         overridden: o,
+        health: app.scheduler.health.view(&a.id),
         live: Live {
             ws_cooldown: app.pool.fallback.active(&a.id),
             open_contexts: mine.clone().filter(|c| c.open).count(),

@@ -87,7 +87,7 @@ impl App {
             tag: format!("{}-{id}", self.instance),
             usage: self.usage.clone(),
             state: self.state.clone(),
-            registry: self.registry.clone(),
+            scheduler: self.scheduler.clone(),
             http: self.http_client.clone(),
             shutdown: self.shutdown.clone(),
         }

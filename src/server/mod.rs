@@ -47,6 +47,8 @@ pub struct App {
     pub state: Arc<dyn StateStore>,
     /// The operators' account overrides as turns read them (TM-3).
     pub registry: Arc<crate::scheduler::Registry>,
+    /// The per-turn account choice (SC-2) with the accounts' health (SC-5).
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// The upstream HTTP client for `http` accounts.
     pub http_client: reqwest::Client,
     pub next_session: AtomicU64,
@@ -215,7 +217,23 @@ impl App {
             max_age: u.max_age,
             min_idle: u.min_idle,
         };
-        let pool = Pool::new(settings);
+        let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
+        let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
+        let memory = MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?;
+        let registry = Arc::new(crate::scheduler::Registry::new(memory.overrides_now()));
+        let state: Arc<dyn StateStore> = Arc::new(memory);
+        let health = Arc::new(crate::scheduler::health::Health::new(
+            registry.clone(),
+            state.clone(),
+        ));
+        health.configure(crate::scheduler::health::BreakerSettings::of(
+            &cfg.scheduler,
+        ));
+        let scheduler = Arc::new(crate::scheduler::Scheduler {
+            registry: registry.clone(),
+            health: health.clone(),
+        });
+        let pool = Pool::new(settings, health);
         // UP-7: warm contexts in the background until shutdown.
         let shutdown = CancellationToken::new();
         pool.set_accounts(&cfg.accounts);
@@ -224,11 +242,7 @@ impl App {
         pool.start_maintenance(shutdown.clone());
         let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
         let budget = Arc::new(TranscriptBudget::new(total));
-        let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
-        let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
         let http_client = crate::upstream::http::client(cfg.upstream.dial_timeout)?;
-        let memory = MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?;
-        let registry = Arc::new(crate::scheduler::Registry::new(memory.overrides_now()));
         let app = Arc::new(App {
             config: Arc::new(parking_lot::RwLock::new(Arc::new(cfg))),
             config_path: path,
@@ -236,8 +250,9 @@ impl App {
             pool,
             budget,
             usage,
-            state: Arc::new(memory),
+            state,
             registry,
+            scheduler,
             http_client,
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),

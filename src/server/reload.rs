@@ -50,6 +50,11 @@ impl App {
         self.pool
             .fallback
             .configure(u.ws_failure_burst, u.ws_fallback_cooldown);
+        self.scheduler
+            .health
+            .configure(crate::scheduler::health::BreakerSettings::of(
+                &new.scheduler,
+            ));
         *self.config.write() = Arc::new(new);
         self.reloads.send_modify(|n| *n += 1);
         tracing::info!("config reloaded");

@@ -86,7 +86,7 @@ impl Session {
         }));
     }
 
-    fn wait_for_slot(&mut self, account: AccountConfig, scope: String) {
+    pub(super) fn wait_for_slot(&mut self, account: AccountConfig, scope: String) {
         let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
         let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         let store = self.p.state.clone();
@@ -140,11 +140,21 @@ impl Session {
                 self.upstream = lease;
                 self.write_request().await
             }
-            // CT-9: a failed dial or handshake at turn start is retried like a lost upstream.
-            Ok(Err(e)) if e.retry == Retry::BeforeOutput => self.retry_or_fail(e),
+            // CT-9: a failed dial or handshake at turn start is retried like a lost upstream,
+            // on another account when there is one (SC-4).
+            Ok(Err(e)) if e.retry == Retry::BeforeOutput => {
+                self.upstream = held;
+                self.note_refusal(&e);
+                self.retry_or_fail(e)
+            }
             // The upstream's own refusal of an HTTP request, or one of the relay's (no
-            // capacity): to the client as it is.
+            // capacity): to the client as it is, unless another account can take the turn.
             Ok(Err(e)) => {
+                if self.note_refusal(&e) {
+                    if let Some(step) = self.fail_over_refusal(&e) {
+                        return step;
+                    }
+                }
                 self.upstream = held;
                 self.out.push_json(&e.ws_frame());
                 let status = if e.side == Side::UpstreamProtocol {
@@ -187,6 +197,43 @@ fn no_capacity(account: &AccountConfig) -> RelayError {
 }
 
 impl Session {
+    /// Notes an upstream's refusal of the running turn's dial or request against its account;
+    /// true when it was the account's failure (a 5xx, a 429, a credential refused, or no
+    /// answer). WebSocket dials are counted by the pool, HTTP requests here.
+    fn note_refusal(&mut self, e: &RelayError) -> bool {
+        let Some(turn) = self.turn.as_mut() else {
+            return false;
+        };
+        let status = e
+            .handshake_status
+            .or((e.side == Side::UpstreamProtocol).then_some(e.status));
+        let account_failed = match e.side {
+            Side::UpstreamIo => true,
+            Side::UpstreamProtocol => {
+                status.is_none_or(|s| s >= 500 || matches!(s, 401 | 403 | 429))
+            }
+            Side::Client | Side::Internal => false,
+        };
+        if account_failed {
+            if turn.is_http() {
+                turn.account_refused(e);
+            }
+            turn.avoid_account();
+        }
+        account_failed
+    }
+
+    /// SC-4: an upstream refusal at turn start moves the turn to another eligible account
+    /// (strictly another), within the retry budget.
+    fn fail_over_refusal(&mut self, e: &RelayError) -> Option<Step> {
+        let turn = self.turn.as_ref()?;
+        if turn.bound || turn.retries_left == 0 {
+            return None;
+        }
+        let choice = self.next_account(true)?;
+        Some(self.retry_on(choice, &e.message))
+    }
+
     /// The running turn's account when it goes over HTTP.
     fn http_account(&self) -> Option<AccountConfig> {
         let turn = self.turn.as_ref().filter(|t| t.is_http())?;

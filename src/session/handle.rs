@@ -120,24 +120,34 @@ impl Session {
             );
         };
         let now = self.p.current.read().clone();
-        let account = match scheduler::pick(&now, &self.p.registry, &model) {
-            Ok(account) => account,
-            Err(scheduler::NoAccount::Unknown) => {
-                let e = RelayError::invalid_request(
-                    "model_not_found",
-                    format!("No upstream account serves the model '{model}'."),
-                )
-                .param("model");
-                return self.refuse_create(&read, Some(&model), e);
-            }
-            Err(scheduler::NoAccount::Ineligible) => {
-                let e = RelayError::new(Side::Internal, 503, "server_error", "no_capacity")
-                    .message(format!(
-                        "No account serving '{model}' takes turns now (disabled or draining)."
-                    ));
-                return self.refuse_create(&read, Some(&model), e);
+        let bound = self.binding_for(&req).await;
+        let choice = match bound.as_deref() {
+            // SC-2: a stored response's conversation goes on where it is stored (CT-3).
+            Some(id) => match self.p.scheduler.choose_bound(&now, id, &model) {
+                Some(c) => c,
+                None => {
+                    let prev = req.previous_response_id().unwrap_or_default();
+                    let e = RelayError::invalid_request(
+                        "previous_response_not_found",
+                        format!("Previous response with id '{prev}' not found: its account takes no turns now."),
+                    )
+                    .param("previous_response_id");
+                    return self.refuse_create(&read, Some(&model), e);
+                }
+            },
+            None => {
+                let ask = scheduler::Ask {
+                    model: &model,
+                    sticky: self.sticky.as_deref(),
+                    ..scheduler::Ask::default()
+                };
+                match self.p.scheduler.choose(&now, ask) {
+                    Ok(c) => c,
+                    Err(why) => return self.refuse_unscheduled(&read, &model, why),
+                }
             }
         };
+        let account = choice.account;
         if self.passthrough_wanted(&account) {
             return Step::Passthrough(Box::new(super::passthrough::Handover {
                 account,
@@ -145,7 +155,7 @@ impl Session {
                 read,
             }));
         }
-        if let Some(prev) = req.previous_response_id() {
+        if let Some(prev) = req.previous_response_id().filter(|_| bound.is_none()) {
             if self.last_response_id.as_deref() != Some(prev) {
                 return self.refuse_create(
                     &read,
@@ -158,11 +168,14 @@ impl Session {
                 );
             }
         }
+        self.sticky = Some(account.id.clone());
         self.last_model = Some(model.clone());
         if self.p.budget.take_evicted(self.p.id) {
             self.transcript = None;
         }
-        let chained = req.previous_response_id().is_some();
+        // A turn on a bound stored response goes as the client sent it: the upstream holds
+        // what it chains from.
+        let chained = req.previous_response_id().is_some() && bound.is_none();
         let http = self.turn_is_http(&account);
         let text = upstream_text(&req, &model);
         let mut body = req.body;
@@ -179,6 +192,8 @@ impl Session {
             body,
             chained,
             retry_budget: self.p.cfg.upstream.retry_budget,
+            ticket: Some(choice.ticket),
+            bound: bound.is_some(),
             transport: if http {
                 super::turn::Transport::Http
             } else {
@@ -201,6 +216,47 @@ impl Session {
         }
         let reuse = self.upstream.is_some();
         self.admit(account, reuse).await
+    }
+
+    /// 400 `model_not_found` when no account serves the model, 503 `no_capacity` when none
+    /// takes turns now.
+    fn refuse_unscheduled(&mut self, read: &Read, model: &str, why: scheduler::NoAccount) -> Step {
+        let e = match why {
+            scheduler::NoAccount::Unknown => RelayError::invalid_request(
+                "model_not_found",
+                format!("No upstream account serves the model '{model}'."),
+            )
+            .param("model"),
+            scheduler::NoAccount::Ineligible => {
+                RelayError::new(Side::Internal, 503, "server_error", "no_capacity").message(
+                    format!(
+                        "No account serving '{model}' takes turns now (disabled, draining, cooling down or failing)."
+                    ),
+                )
+            }
+        };
+        self.refuse_create(read, Some(model), e)
+    }
+
+    /// The account a `previous_response_id` this session cannot serve itself is bound to, as
+    /// a stored response of this key (SC-2, CT-3).
+    /// A store that cannot answer counts as no binding (CT-3's 400, never a 5xx).
+    async fn binding_for(&mut self, req: &CreateRequest) -> Option<String> {
+        let prev = req.previous_response_id()?;
+        let own = self.last_response_id.as_deref() == Some(prev)
+            && (self.transcript.is_some()
+                || self.upstream.as_ref().and_then(|u| u.holds()).as_deref() == Some(prev));
+        if own {
+            return None;
+        }
+        let name = crate::state::response_binding(&self.p.key_id, prev);
+        self.p
+            .state
+            .bound(&name)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "binding lookup failed"))
+            .ok()
+            .flatten()
     }
 
     fn on_ping(&mut self) -> Step {

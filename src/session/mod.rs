@@ -66,8 +66,9 @@ pub struct SessionParams {
     pub tag: String,
     pub usage: Arc<Recorder>,
     pub state: Arc<dyn StateStore>,
-    /// The operators' account overrides, read at every turn (TM-3).
-    pub registry: Arc<crate::scheduler::Registry>,
+    /// The per-turn account choice (SC-2), with the operators' overrides (TM-3) and the
+    /// accounts' health (SC-5).
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// The client for `http` accounts (one pool of upstream connections per relay).
     pub http: reqwest::Client,
     /// Cancelled when the relay shuts down: the socket closes with 1012.
@@ -135,6 +136,9 @@ struct Session {
     transcript: Option<Transcript>,
     /// `x-codex-turn-state` from an upstream handshake, sent on this session's later dials.
     upstream_turn_state: Option<axum::http::HeaderValue>,
+    /// The account of the session's last turn: its next turn goes there while it is
+    /// eligible (SC-2).
+    sticky: Option<String>,
     /// The relay is shutting down: a turn cut now is recorded as `shutdown`.
     shutting_down: bool,
     /// A reload removed or disabled this session's key: it closes after its running turn.
@@ -190,6 +194,7 @@ where
         silent_at: None,
         transcript: Some(Transcript::default()),
         upstream_turn_state: None,
+        sticky: None,
         shutting_down: false,
         revoked: false,
     };

@@ -161,7 +161,7 @@ impl Session {
                 f = events.recv() => match f {
                     Some(UpFrame::Event(text)) => {
                         self.upstream_frame(text, turns);
-                        if turns.is_empty() && self.p.registry.draining(&account.id) {
+                        if turns.is_empty() && self.p.scheduler.registry.draining(&account.id) {
                             // After the running turn's terminal (TM-3): flushed, then closed.
                             let _ = self.out.drain().await;
                             return End::Drained;
@@ -172,7 +172,7 @@ impl Session {
                 },
                 _ = shutdown.cancelled() => return End::Shutdown,
                 _ = drain_check.tick() => {
-                    if turns.is_empty() && self.p.registry.draining(&account.id) {
+                    if turns.is_empty() && self.p.scheduler.registry.draining(&account.id) {
                         return End::Drained;
                     }
                 }
@@ -242,6 +242,8 @@ impl Session {
             chained: false,
             retry_budget: 0,
             transport: super::turn::Transport::Passthrough,
+            ticket: None,
+            bound: false,
         });
         t.mark_written(text.len());
         Some(t)

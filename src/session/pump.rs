@@ -9,7 +9,7 @@ use super::transcript::{replay_body, Transcript};
 use super::turn::{terminal_outcome, Outcome, TurnStatus};
 use super::{Session, Step};
 use crate::error::{RelayError, Side};
-use crate::protocol::classify::{classify_error_event, ErrorClass};
+use crate::protocol::classify::{classify_error_event, Classified, ErrorClass};
 use crate::protocol::peek::{self, EventClass};
 use crate::telemetry::metric;
 use crate::tuning;
@@ -40,6 +40,7 @@ impl Session {
                 Step::Go
             }
             Err(e) => {
+                turn.upstream_failed(&e.message);
                 if let Some(up) = self.upstream.take() {
                     up.break_connection(UpEnd::Io(e.message.clone()));
                 }
@@ -148,7 +149,13 @@ impl Session {
                 ));
                 return self.retry_or_fail(e.side(Side::UpstreamProtocol));
             }
+            if let Some(step) = self.fail_over_error(&c) {
+                return step;
+            }
         }
+        let Some(turn) = self.turn.as_mut() else {
+            return Step::Go;
+        };
         if !turn.on_event(class, &kind, text.as_str()) {
             return Step::Go;
         }
@@ -167,9 +174,15 @@ impl Session {
         // The pool already has the verdict (the connection's task reports it before telling
         // the lease), so a retry cannot lease this connection again.
         self.upstream = None;
-        if self.turn.is_none() {
+        let Some(turn) = self.turn.as_mut() else {
             tracing::debug!(?end, "idle upstream connection ended");
             return Step::Go;
+        };
+        if crate::upstream::fallback::end_counts(&end) {
+            // Counted by the pool with TM-4's failures.
+            turn.avoid_account();
+        } else {
+            turn.upstream_failed(&end.describe());
         }
         self.retry_or_fail(RelayError::upstream_lost(end.describe()))
     }
@@ -180,6 +193,9 @@ impl Session {
             up.break_connection(UpEnd::Silent);
         }
         self.http = None;
+        if let Some(turn) = self.turn.as_mut() {
+            turn.upstream_failed(&UpEnd::Silent.describe());
+        }
         self.retry_or_fail(RelayError::upstream_lost(UpEnd::Silent.describe()))
     }
 
@@ -191,7 +207,8 @@ impl Session {
     }
 
     /// CT-9: before any output reached the client and within `upstream.retry_budget`, the turn
-    /// goes again on a fresh context (with the transcript when it chained); otherwise 502.
+    /// goes again on a fresh context (with the transcript when it chained), on another account
+    /// when the failure was its account's and another is eligible (SC-4); otherwise 502.
     pub(super) fn retry_or_fail(&mut self, e: RelayError) -> Step {
         let Some(turn) = self.turn.as_mut() else {
             return Step::Go;
@@ -204,25 +221,106 @@ impl Session {
             };
             return self.fail_turn(e);
         }
+        match self.next_account(false) {
+            Some(choice) => self.retry_on(choice, &e.message),
+            None => self.fail_turn(e),
+        }
+    }
+
+    /// SC-4: an upstream error event before any output that says the account failed (a server
+    /// error) or is rate limited moves the turn to another eligible account, within the retry
+    /// budget; with no other account the error goes to the client as it is.
+    fn fail_over_error(&mut self, c: &Classified) -> Option<Step> {
+        let limited = c.class == ErrorClass::RateLimited;
+        if !(c.server_fault || limited) {
+            return None;
+        }
+        let turn = self.turn.as_ref()?;
+        if turn.bound || turn.retries_left == 0 {
+            return None;
+        }
+        let avoid = [turn.account_id.clone()];
+        let now = self.p.current.read().clone();
+        let ask = crate::scheduler::Ask {
+            model: &turn.model,
+            avoid: &avoid,
+            strict: true,
+            ..Default::default()
+        };
+        let choice = self.p.scheduler.choose(&now, ask).ok()?;
+        let turn = self.turn.as_mut()?;
+        if limited {
+            turn.avoid_account();
+        } else {
+            turn.upstream_failed(c.class.as_str());
+        }
+        if let Some(up) = self.upstream.take() {
+            up.break_connection(UpEnd::Io(format!("upstream error {:?}", c.class)));
+        }
+        self.http = None;
+        let why = format!("upstream answered {} before any output", c.class.as_str());
+        Some(self.retry_on(choice, &why))
+    }
+
+    /// The account for the running turn's next attempt: its bound account, else the same one
+    /// unless the turn failed there and another is eligible (`strict`: only another).
+    pub(super) fn next_account(&self, strict: bool) -> Option<crate::scheduler::Choice> {
+        let turn = self.turn.as_ref()?;
+        let now = self.p.current.read().clone();
+        if turn.bound {
+            return self
+                .p
+                .scheduler
+                .choose_bound(&now, &turn.account_id, &turn.model);
+        }
+        let ask = crate::scheduler::Ask {
+            model: &turn.model,
+            sticky: Some(&turn.account_id),
+            avoid: &turn.failed_on,
+            strict,
+        };
+        self.p.scheduler.choose(&now, ask).ok()
+    }
+
+    /// Starts the running turn's next attempt on `choice`: the same account keeps its slot and
+    /// leases a fresh context; another account is admitted anew (SC-3), with CT-7 applied to
+    /// the replay because the turn's account changed.
+    pub(super) fn retry_on(&mut self, choice: crate::scheduler::Choice, why: &str) -> Step {
+        let account = choice.account;
+        let http = self.turn_is_http(&account);
+        let Some(turn) = self.turn.as_mut() else {
+            return Step::Go;
+        };
         turn.retries_left -= 1;
         turn.abandon_attempt();
         self.silent_at = None;
         metrics::counter!(metric::RETRIES).increment(1);
-        tracing::info!(reason = %e.message, attempt = turn.attempts + 1, "retrying the turn on a fresh context");
+        let moved = account.id != turn.account_id;
+        tracing::info!(reason = %why, attempt = turn.attempts + 1, from = %turn.account_id, to = %account.id, "retrying the turn on a fresh context");
+        if moved {
+            metrics::counter!(metric::FAILOVERS, "from" => turn.account_id.clone(), "to" => account.id.clone())
+                .increment(1);
+            turn.account_id = account.id.clone();
+            turn.slot = None;
+        }
+        turn.ticket = Some(choice.ticket);
+        turn.transport = if http {
+            super::turn::Transport::Http
+        } else {
+            super::turn::Transport::CtxPool
+        };
         if let Some(up) = self.upstream.take() {
             up.break_connection(UpEnd::Io("abandoned for a retry".into()));
         }
         self.http = None;
-        let now = self.p.current.read().clone();
-        let account = crate::scheduler::pick(&now, &self.p.registry, &turn.model).ok();
-        match account {
-            Some(a) => {
-                turn.account_id = a.id.clone();
-                self.lease(a);
-                Step::Go
-            }
-            None => self.fail_turn(e),
+        self.sticky = Some(account.id.clone());
+        if moved {
+            let scope = crate::state::account_scope(&account.id);
+            self.wait_for_slot(account, scope);
+        } else {
+            self.lease(account);
         }
+        Step::Go
     }
 
     /// Ends the running turn with a relay-made error frame.
@@ -236,8 +334,15 @@ impl Session {
     /// After a terminal event: the transcript and `last_response_id` advance on
     /// completed/incomplete (SPEC §6); otherwise the context turns cold.
     pub(super) fn finish_turn(&mut self, o: Outcome) {
+        self.account_outcome(&o);
         if matches!(o.status, TurnStatus::Completed | TurnStatus::Incomplete) {
-            if let Some(turn) = self.turn.as_ref() {
+            self.bind_stored(&o);
+            if let Some(turn) = self.turn.as_ref().filter(|t| t.bound) {
+                // Chained from a stored response: its history is upstream, not here.
+                tracing::debug!(account = %turn.account_id, "turn on a bound stored response: no transcript");
+                self.transcript = None;
+                self.p.budget.remove(self.p.id);
+            } else if let Some(turn) = self.turn.as_ref() {
                 let prior = if turn.chained {
                     self.transcript.take()
                 } else {
@@ -258,6 +363,50 @@ impl Session {
             usage: o.usage,
             error: o.error_class.map(|c| (c, side)),
         });
+    }
+
+    /// SC-5: what the terminal event says about the account. An answer, even a refusal caused
+    /// by the request, shows the account works; a server error counts against it.
+    fn account_outcome(&mut self, o: &Outcome) {
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        match o.classified {
+            Some(c) if c.server_fault => turn.upstream_failed(c.class.as_str()),
+            // In the stream a 429 may be about this request alone (its size): no cooldown; a
+            // refused dial or request with 429 is the account's (UP-8).
+            Some(c) if c.class == ErrorClass::RateLimited => {}
+            Some(_) => turn.account_answered(None),
+            None => {
+                let ttft = turn.upstream_ttft();
+                turn.account_answered(ttft)
+            }
+        }
+    }
+
+    /// SC-2: a stored (`store:true`) response is bound to its account for
+    /// `scheduler.binding_ttl`, so any session of this key can chain from it (CT-3, HS-3).
+    fn bind_stored(&self, o: &Outcome) {
+        let Some(turn) = self.turn.as_ref() else {
+            return;
+        };
+        let stored = turn.body.get("store").and_then(serde_json::Value::as_bool) == Some(true);
+        let Some(id) = o.response_id.as_deref().filter(|_| stored) else {
+            return;
+        };
+        let name = crate::state::response_binding(&self.p.key_id, id);
+        let (store, account) = (self.p.state.clone(), turn.account_id.clone());
+        let ttl = self.p.cfg.scheduler.binding_ttl;
+        let mut bind = Box::pin(async move {
+            if let Err(e) = store.bind(&name, &account, ttl).await {
+                tracing::warn!(error = %e, "stored response not bound to its account");
+            }
+        });
+        // The memory backend binds at once, before the client can see the terminal event; a
+        // networked one finishes in the background.
+        if futures::FutureExt::now_or_never(&mut bind).is_none() {
+            tokio::spawn(bind);
+        }
     }
 
     /// CT-6: a transcript over `limits.max_transcript_bytes` is dropped.

@@ -73,6 +73,14 @@ pub struct Turn {
     pub slot: Option<crate::state::Slot>,
     /// How the turn reaches the upstream (TM-1).
     pub transport: Transport,
+    /// The turn's hold on its account (in flight, a breaker probe), and where its upstream
+    /// failures are counted (SC-5).
+    pub ticket: Option<crate::scheduler::health::Ticket>,
+    /// Accounts this turn failed on: a retry goes elsewhere when it can (SC-4).
+    pub failed_on: Vec<String>,
+    /// Chains from a stored response bound to its account (SC-2): sent as it is, and never
+    /// moved to another account.
+    pub bound: bool,
 }
 
 /// What a turn starts from.
@@ -89,6 +97,9 @@ pub struct TurnStart {
     pub chained: bool,
     pub retry_budget: u32,
     pub transport: Transport,
+    /// None for a passthrough socket's turns, which are watched, not scheduled.
+    pub ticket: Option<crate::scheduler::health::Ticket>,
+    pub bound: bool,
 }
 
 impl Turn {
@@ -121,6 +132,9 @@ impl Turn {
             abandoned: Tokens::default(),
             slot: None,
             transport: t.transport,
+            ticket: t.ticket,
+            failed_on: Vec::new(),
+            bound: t.bound,
         }
     }
 
@@ -135,6 +149,42 @@ impl Turn {
     /// TP-8: the turn got its slot after waiting for one.
     pub fn mark_admitted(&mut self) {
         self.timings.admission_wait = Some(self.since_start());
+    }
+
+    /// The running attempt's upstream failed: counted against its account (SC-5), which a
+    /// retry then avoids (SC-4).
+    pub fn upstream_failed(&mut self, why: &str) {
+        if let Some(t) = self.ticket.as_mut() {
+            t.failure(why);
+        }
+        self.avoid_account();
+    }
+
+    /// The account answered (SC-5); `ttft_ms` feeds its average when the answer was a
+    /// response.
+    pub fn account_answered(&mut self, ttft_ms: Option<f64>) {
+        if let Some(t) = self.ticket.as_mut() {
+            t.success(ttft_ms);
+        }
+    }
+
+    /// The account's upstream refused the turn's request (an HTTP status, or no answer).
+    pub fn account_refused(&self, e: &crate::error::RelayError) {
+        if let Some(t) = self.ticket.as_ref() {
+            t.health().refused(&self.account_id, e);
+        }
+    }
+
+    /// A retry should go elsewhere (the failure is already counted, e.g. by the pool).
+    pub fn avoid_account(&mut self) {
+        if !self.failed_on.contains(&self.account_id) {
+            self.failed_on.push(self.account_id.clone());
+        }
+    }
+
+    /// Time from the request written upstream to the first event (the account's TTFT).
+    pub fn upstream_ttft(&self) -> Option<f64> {
+        Some(self.timings.first_event? - self.timings.upstream_write?)
     }
 
     /// Notes that an attempt wrote `bytes` of request upstream.
@@ -211,19 +261,23 @@ pub struct Outcome {
     pub usage: Option<Tokens>,
     /// Why it did not complete: the error's class, or the incomplete reason.
     pub error_class: Option<String>,
+    /// A failed turn's error as CT-11 classifies it (what the breaker reads, SC-5).
+    pub classified: Option<classify::Classified>,
 }
 
 /// Parses a terminal event in full (the only events the relay parses whole).
 pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
     crate::protocol::peek::count_full_parse();
     let mut parsed: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    let classified = (class != EventClass::Done).then(|| classify::classify_value(&parsed));
     let error_class = match class {
         EventClass::Done => parsed
             .pointer("/response/incomplete_details/reason")
             .and_then(Value::as_str)
             .map(str::to_string),
-        _ => Some(classify::classify_value(&parsed).class.as_str().to_string()),
+        _ => classified.map(|c| c.class.as_str().to_string()),
     };
+
     let response = parsed
         .get_mut("response")
         .map(Value::take)
@@ -254,6 +308,7 @@ pub fn terminal_outcome(class: EventClass, text: &str) -> Outcome {
         output,
         usage,
         error_class,
+        classified,
     }
 }
 
@@ -287,6 +342,8 @@ mod tests {
             chained: false,
             retry_budget: 1,
             transport: Transport::CtxPool,
+            ticket: None,
+            bound: false,
         })
     }
 

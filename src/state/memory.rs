@@ -2,7 +2,7 @@
 //! one. A slot lives until it is released: its ttl guards against a crashed instance holding
 //! shared slots forever, and here the only holder that could crash is this process.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::overrides::{self, Override};
 use super::{SlotId, StateError, StateStore};
@@ -28,6 +29,30 @@ pub struct MemoryStore {
     next: Mutex<SlotId>,
     overrides: Mutex<HashMap<String, Override>>,
     persist: Option<Arc<Mutex<Store>>>,
+    bindings: Mutex<Bindings>,
+}
+
+/// Named values with an expiry, dropped lazily: an expired one reads as absent, and each bind
+/// sweeps the expired ones from the front of the insertion order.
+#[derive(Default)]
+struct Bindings {
+    values: HashMap<String, (String, Instant)>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Bindings {
+    fn sweep(&mut self, now: Instant) {
+        while let Some((at, name)) = self.order.front() {
+            if *at > now {
+                break;
+            }
+            // Re-bound later with a later expiry: that entry stays.
+            if self.values.get(name).is_some_and(|(_, exp)| exp <= &now) {
+                self.values.remove(name);
+            }
+            self.order.pop_front();
+        }
+    }
 }
 
 impl MemoryStore {
@@ -131,5 +156,31 @@ impl StateStore for MemoryStore {
             Ok(())
         }
         .boxed()
+    }
+
+    fn bind<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        let now = Instant::now();
+        let mut b = self.bindings.lock();
+        b.sweep(now);
+        b.values
+            .insert(name.to_string(), (value.to_string(), now + ttl));
+        b.order.push_back((now + ttl, name.to_string()));
+        futures::future::ready(Ok(())).boxed()
+    }
+
+    fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>> {
+        let now = Instant::now();
+        let b = self.bindings.lock();
+        let v = b
+            .values
+            .get(name)
+            .filter(|(_, exp)| *exp > now)
+            .map(|(v, _)| v.clone());
+        futures::future::ready(Ok(v)).boxed()
     }
 }

@@ -2,8 +2,10 @@
 //! in a [`StateStore`]. The `memory` backend keeps it in this process; a networked backend
 //! (Redis) implements the same trait, which is why every call is async and fallible.
 //!
-//! So far the store holds concurrency slots: per-account turn slots (SC-3). Later items add
-//! bindings, rate and spend counters, breaker state and admin overrides.
+//! It holds concurrency slots (per-account turn slots, SC-3), the bindings of stored responses
+//! to their accounts (SC-2) and the operators' overrides (TM-3). Rate and spend counters come
+//! with per-key limits; the breaker lives in the scheduler's memory until the Redis backend
+//! shares it.
 
 mod memory;
 pub mod overrides;
@@ -45,6 +47,17 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Resolves when a slot of `scope` may have been released: a hint, the caller re-checks.
     fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()>;
+
+    /// Binds `name` to `value` for `ttl` (SC-2: a stored response's account).
+    fn bind<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StateError>>;
+
+    /// What `name` is bound to, while its binding lasts.
+    fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>>;
 
     /// Every account override (TM-3).
     fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>>;
@@ -113,6 +126,11 @@ pub async fn acquire(
     }
 }
 
+/// The binding name of a stored response, scoped to the key that created it (WS-9).
+pub fn response_binding(key_id: &str, response_id: &str) -> String {
+    format!("resp:{key_id}:{response_id}")
+}
+
 /// The scope of an account's turn slots (SC-3).
 pub fn account_scope(account_id: &str) -> String {
     format!("account:{account_id}:turns")
@@ -161,6 +179,28 @@ mod tests {
         drop(held);
         let got = waiter.await.unwrap().unwrap();
         assert!(got.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sc2_bindings_last_their_ttl_and_rebinding_extends() {
+        let s = store();
+        let ttl = Duration::from_secs(60);
+        s.bind("r1", "a", ttl).await.unwrap();
+        s.bind("r2", "b", Duration::from_secs(10)).await.unwrap();
+        assert_eq!(s.bound("r1").await.unwrap().as_deref(), Some("a"));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(s.bound("r2").await.unwrap(), None, "expired");
+        s.bind("r1", "a", ttl).await.unwrap();
+        tokio::time::advance(Duration::from_secs(55)).await;
+        s.bind("r3", "c", ttl).await.unwrap();
+        assert_eq!(
+            s.bound("r1").await.unwrap().as_deref(),
+            Some("a"),
+            "the sweep keeps a binding renewed after its first expiry"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(s.bound("r1").await.unwrap(), None);
+        assert_eq!(s.bound("nope").await.unwrap(), None);
     }
 
     #[tokio::test(start_paused = true)]

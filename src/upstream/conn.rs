@@ -270,11 +270,17 @@ fn dial_error(account: &str, e: tungstenite::Error) -> RelayError {
     match e {
         tungstenite::Error::Http(resp) => {
             let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             let mut e = RelayError::upstream_lost(format!(
                 "account {account}: upstream refused the WebSocket handshake with {status}"
             ))
             .side(Side::UpstreamProtocol);
             e.handshake_status = Some(status);
+            e.retry_after = retry_after;
             e
         }
         other => {

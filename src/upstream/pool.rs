@@ -98,6 +98,8 @@ pub struct Pool {
     pub(super) tasks: TaskCount,
     /// TM-4: accounts whose WebSocket keeps failing send new turns over http for a while.
     pub fallback: super::fallback::Fallback,
+    /// Where dial failures and failing connections are counted (SC-5, UP-8).
+    pub health: Arc<crate::scheduler::health::Health>,
     me: Weak<Pool>,
 }
 
@@ -113,7 +115,7 @@ impl Pool {
         conn::open(account, identity, &self.settings, 1, &self.tasks, |_, _| {}).await
     }
 
-    pub fn new(settings: ConnSettings) -> Arc<Pool> {
+    pub fn new(settings: ConnSettings, health: Arc<crate::scheduler::health::Health>) -> Arc<Pool> {
         Arc::new_cyclic(|me| Pool {
             settings,
             accounts: Mutex::default(),
@@ -124,6 +126,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             tasks: TaskCount::default(),
             fallback: super::fallback::Fallback::new(3, std::time::Duration::from_secs(30)),
+            health,
             me: me.clone(),
         })
     }
@@ -315,6 +318,9 @@ impl Pool {
             if super::fallback::dial_counts(e) {
                 self.fallback.failure(&account.id);
             }
+            // UP-8: every failed dial counts against the account (a 401/403 disables it, a
+            // 429 cools it down), warm dials included.
+            self.health.refused(&account.id, e);
         })?;
         let mut st = ctx.st.lock();
         if live.is_finished() {
@@ -345,7 +351,10 @@ impl Pool {
             return;
         }
         if super::fallback::end_counts(end) {
+            // TM-4's failures count toward the breaker too; other ends of a connection in a
+            // turn are counted by its session, which knows whether it cut the turn itself.
             self.fallback.failure(account_id);
+            self.health.failure(account_id, &end.describe());
         }
         self.close_locked(&ctx, &mut st, end);
     }

@@ -31,7 +31,7 @@ pub(super) async fn setup(
         .expect("mock");
     let mut account = AccountConfig::new("a", mock.base_url(), "sk-a");
     account.max_conns = max_conns;
-    (mock, Pool::new(s), account)
+    (mock, Pool::new(s, Default::default()), account)
 }
 
 /// A lease that may wait for capacity up to the hang guard.
@@ -297,7 +297,7 @@ async fn up8_a_dial_that_never_answers_times_out() {
     );
     let mut s = settings(60_000, 5_000);
     s.dial_timeout = Duration::from_millis(50);
-    let pool = Pool::new(s);
+    let pool = Pool::new(s, Default::default());
     let e = lease(&pool, &account, 1).await.err().expect("timed out");
     assert_eq!(
         (e.status, e.code.as_str()),
