@@ -297,8 +297,14 @@ async fn up8_a_dial_that_never_answers_times_out() {
     );
     let mut s = settings(60_000, 5_000);
     s.dial_timeout = Duration::from_millis(50);
-    let pool = Pool::new(s, Default::default());
+    let health: Arc<crate::scheduler::health::Health> = Default::default();
+    let pool = Pool::new(s, health.clone());
     let e = lease(&pool, &account, 1).await.err().expect("timed out");
+    assert_eq!(
+        health.view("s").consecutive_failures,
+        1,
+        "a failed dial counts against the account's breaker"
+    );
     assert_eq!(
         (e.status, e.code.as_str()),
         (502, "upstream_connection_lost")
@@ -311,3 +317,4 @@ async fn up8_a_dial_that_never_answers_times_out() {
     );
     drop(silent);
 }
+
