@@ -93,6 +93,26 @@ fn example_config_matches_the_defaults() {
         )
     );
     assert_eq!(cfg.store.path, defaults.store.path);
+    let (sc, dsc) = (&cfg.scheduler, &defaults.scheduler);
+    assert_eq!(
+        (
+            sc.breaker_failures,
+            sc.breaker_cooldown,
+            sc.breaker_probes,
+            sc.binding_ttl
+        ),
+        (
+            dsc.breaker_failures,
+            dsc.breaker_cooldown,
+            dsc.breaker_probes,
+            dsc.binding_ttl
+        )
+    );
+    let (a, da) = (
+        &cfg.accounts[0],
+        switchyard::config::AccountConfig::default(),
+    );
+    assert_eq!((a.priority, a.weight), (da.priority, da.weight));
     let (s, ds) = (&cfg.session, &defaults.session);
     assert_eq!(
         (

@@ -317,4 +317,3 @@ async fn up8_a_dial_that_never_answers_times_out() {
     );
     drop(silent);
 }
-
