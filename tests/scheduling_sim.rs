@@ -6,7 +6,9 @@
 //!    completes;
 //! 3. it comes back: after the cooldown a probe closes the breaker and it takes sessions again.
 //!
-//! It prints the distribution of each phase. Sized by `SWITCHYARD_SIM_SESSIONS` (sessions per
+//! It prints the distribution of each phase. `upstream.retry_budget` is 3: with one account
+//! failing at random and another down, a turn can meet both before it finds a good one, and
+//! the default budget of 1 would rightly give up with a 502. Sized by `SWITCHYARD_SIM_SESSIONS` (sessions per
 //! phase, default 60) and `SWITCHYARD_SIM_PARALLEL` (sessions at once, default 12).
 
 mod common;
@@ -39,7 +41,7 @@ impl Sim {
     async fn start() -> Sim {
         let dir = tempfile::tempdir().expect("dir");
         let mut yaml = format!(
-            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\nadmin:\n  token: {TOKEN}\nstore:\n  path: {}\nscheduler:\n  breaker_failures: {BREAKER_FAILURES}\n  breaker_cooldown: 3s\naccounts:\n",
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\nadmin:\n  token: {TOKEN}\nstore:\n  path: {}\nscheduler:\n  breaker_failures: {BREAKER_FAILURES}\n  breaker_cooldown: 3s\nupstream:\n  retry_budget: 3\naccounts:\n",
             dir.path().join("state.db").display()
         );
         let mut mocks = Vec::new();
