@@ -71,6 +71,7 @@
 
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod loadgen;
 pub mod mock;
 pub mod protocol;

@@ -50,6 +50,8 @@ enum Command {
     /// The admin API from the command line: list accounts, switch a mode, enable, disable,
     /// drain, clear an override (token in SWITCHYARD_ADMIN_TOKEN).
     Accounts(switchyard::server::admin_cli::AccountsArgs),
+    /// API keys for the relay's clients: `keys new` prints a fresh key and its config entry.
+    Keys(switchyard::limits::keys_cli::KeysArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
         Command::Accounts(args) => switchyard::server::admin_cli::run(&args),
+        Command::Keys(args) => switchyard::limits::keys_cli::run(&args),
         Command::Loadgen(args) => run(async move { switchyard::loadgen::run(args).await }),
     }
 }

@@ -33,6 +33,8 @@ pub mod metric {
     pub const ACCOUNT_CHOICES: &str = "switchyard_account_choices_total";
     /// Turns moved to another account before any output (SC-4).
     pub const FAILOVERS: &str = "switchyard_turn_failovers_total";
+    /// Requests and sockets refused by a per-key limit (SC-6), by key and limit.
+    pub const LIMIT_REJECTIONS: &str = "switchyard_limit_rejections_total";
     pub const SESSIONS_RUNNING: &str = "switchyard_sessions_running";
     pub const POOL_COUNTS: &str = "switchyard_upstream_pool";
     pub const USAGE_FLUSHED: &str = "switchyard_usage_records_flushed_total";

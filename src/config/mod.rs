@@ -179,8 +179,32 @@ pub struct KeyConfig {
     pub disabled: bool,
     /// `false` refuses this key's WebSocket upgrades; its HTTP requests still work.
     pub websocket: bool,
+    /// Models this key may use (same patterns as an account's); others get 403
+    /// `model_not_allowed`.
+    pub models: Vec<String>,
+    /// SC-6: what this key may use; none set means unlimited.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub limits: KeyLimits,
     #[serde(skip)]
     digest: [u8; 32],
+}
+
+/// Per-key limits (SC-6); each absent one is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping of key limits")]
+pub struct KeyLimits {
+    /// Requests per minute (sliding window; warm-ups exempt).
+    pub rpm: Option<u64>,
+    /// Tokens per minute (sliding window; charged when a turn ends, estimates included).
+    pub tpm: Option<u64>,
+    /// Turns running at once across the key's sockets and HTTP requests.
+    pub concurrent_turns: Option<usize>,
+    /// WebSocket connections open at once.
+    pub concurrent_sockets: Option<usize>,
+    /// Spend per UTC day, USD, from recorded cost.
+    pub daily_budget_usd: Option<f64>,
+    /// Spend per UTC month, USD, from recorded cost.
+    pub monthly_budget_usd: Option<f64>,
 }
 
 impl Default for KeyConfig {
@@ -192,6 +216,8 @@ impl Default for KeyConfig {
             key_sha256: None,
             disabled: false,
             websocket: true,
+            models: vec!["*".to_owned()],
+            limits: KeyLimits::default(),
             digest: [0; 32],
         }
     }
@@ -207,6 +233,11 @@ impl KeyConfig {
             key: Some(key),
             ..KeyConfig::default()
         }
+    }
+
+    /// Whether this key may use `model`.
+    pub fn allows_model(&self, model: &str) -> bool {
+        model_matches(&self.models, model)
     }
 
     /// SHA-256 of the key, the only form the relay compares.
@@ -226,6 +257,8 @@ impl fmt::Debug for KeyConfig {
             .field("key_sha256", &self.key_sha256.as_ref().map(|_| "***"))
             .field("disabled", &self.disabled)
             .field("websocket", &self.websocket)
+            .field("models", &self.models)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -326,11 +359,16 @@ impl AccountConfig {
 
     /// Whether `model` matches an entry of `models` (exact, `prefix*`, or `*`).
     pub fn serves_model(&self, model: &str) -> bool {
-        self.models.iter().any(|m| match m.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => m == model,
-        })
+        model_matches(&self.models, model)
     }
+}
+
+/// Whether `model` matches one of `patterns`: exact names, prefixes ending in `*`, `*` for all.
+fn model_matches(patterns: &[String], model: &str) -> bool {
+    patterns.iter().any(|m| match m.strip_suffix('*') {
+        Some(prefix) => model.starts_with(prefix),
+        None => m == model,
+    })
 }
 
 /// Splits `http://` / `https://` (any case) off a URL: `(is_tls, rest)`.

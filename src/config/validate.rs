@@ -282,6 +282,8 @@ fn check_keys(keys: &mut [KeyConfig], c: &mut Checker<'_>) {
         if !c.pruned(&format!("{base}.id")) {
             check_id(&key.id, &base, &mut ids, c);
         }
+        check_models(&key.models, &base, c);
+        check_key_limits(&key.limits, &base, c);
         let Some((field, digest)) = resolve_key(key, &base, c) else {
             continue;
         };
@@ -290,6 +292,34 @@ fn check_keys(keys: &mut [KeyConfig], c: &mut Checker<'_>) {
             c.error(format!("{base}.{field}"), format!("same key as {first}"));
         } else {
             digests.push((digest, base));
+        }
+    }
+}
+
+fn check_key_limits(l: &crate::config::KeyLimits, base: &str, c: &mut Checker<'_>) {
+    let counts = [
+        ("rpm", l.rpm),
+        ("tpm", l.tpm),
+        ("concurrent_turns", l.concurrent_turns.map(|n| n as u64)),
+        ("concurrent_sockets", l.concurrent_sockets.map(|n| n as u64)),
+    ];
+    for (name, v) in counts {
+        if v == Some(0) {
+            c.error(
+                format!("{base}.limits.{name}"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+    }
+    for (name, v) in [
+        ("daily_budget_usd", l.daily_budget_usd),
+        ("monthly_budget_usd", l.monthly_budget_usd),
+    ] {
+        if v.is_some_and(|v| !(v.is_finite() && v >= 0.0)) {
+            c.error(
+                format!("{base}.limits.{name}"),
+                "must be a number of USD, 0 or more",
+            );
         }
     }
 }

@@ -88,6 +88,8 @@ impl App {
             usage: self.usage.clone(),
             state: self.state.clone(),
             scheduler: self.scheduler.clone(),
+            limits: self.limits.clone(),
+            socket_slot: None,
             http: self.http_client.clone(),
             shutdown: self.shutdown.clone(),
         }

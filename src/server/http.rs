@@ -397,7 +397,15 @@ fn error_response(frame: &Value) -> Response {
     };
     let param = e.get("param").and_then(Value::as_str);
     let body = http_error_body(&field("type"), &field("code"), &field("message"), param);
-    (status, Json(body)).into_response()
+    let mut resp = (status, Json(body)).into_response();
+    // §3: the WS frame's `headers.retry-after` is the HTTP header (SC-6, HS-5).
+    let retry = frame
+        .pointer("/headers/retry-after")
+        .and_then(Value::as_str);
+    if let Some(v) = retry.and_then(|v| HeaderValue::from_str(v).ok()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 fn shutting_down() -> Response {

@@ -49,6 +49,8 @@ pub struct App {
     pub registry: Arc<crate::scheduler::Registry>,
     /// The per-turn account choice (SC-2) with the accounts' health (SC-5).
     pub scheduler: Arc<crate::scheduler::Scheduler>,
+    /// Per-key limits (SC-6).
+    pub limits: Arc<crate::limits::Limits>,
     /// The upstream HTTP client for `http` accounts.
     pub http_client: reqwest::Client,
     pub next_session: AtomicU64,
@@ -234,6 +236,7 @@ impl App {
             health: health.clone(),
         });
         let pool = Pool::new(settings, health);
+        let limits = Arc::new(crate::limits::Limits::new(state.clone()));
         // UP-7: warm contexts in the background until shutdown.
         let shutdown = CancellationToken::new();
         pool.set_accounts(&cfg.accounts);
@@ -253,6 +256,7 @@ impl App {
             state,
             registry,
             scheduler,
+            limits,
             http_client,
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),
@@ -261,8 +265,52 @@ impl App {
             http_sessions: http::HttpSessions::default(),
             flush_stop: CancellationToken::new(),
         });
+        app.seed_spend();
         app.start_http_reaper();
         Ok(app)
+    }
+
+    /// SC-6: the spend budgets count what the store has recorded this UTC day and month, so a
+    /// restart does not forget it (read once, before any turn is charged).
+    fn seed_spend(&self) {
+        use crate::limits::periods::{now_utc, Period};
+        use crate::usage::store::{GroupBy, Query};
+        let now = now_utc();
+        let since = |p: Period| Query {
+            since_ms: Some(
+                i64::try_from(p.start(now))
+                    .unwrap_or(i64::MAX)
+                    .saturating_mul(1000),
+            ),
+            until_ms: None,
+        };
+        let sums = {
+            let store = self.usage.store();
+            let store = store.lock();
+            let day = store.summary(&since(Period::Day), Some(GroupBy::Key));
+            let month = store.summary(&since(Period::Month), Some(GroupBy::Key));
+            match (day, month) {
+                (Ok(day), Ok(month)) => (day, month),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "recorded spend not read: budgets start from zero");
+                    return;
+                }
+            }
+        };
+        let rows: Vec<(String, f64, f64)> = sums
+            .1
+            .iter()
+            .filter_map(|m| {
+                let key = m.group.clone()?;
+                let day = sums.0.iter().find(|d| d.group.as_ref() == Some(&key));
+                Some((key, day.map_or(0.0, |d| d.cost_usd), m.cost_usd))
+            })
+            .collect();
+        let limits = self.limits.clone();
+        let mut seed = Box::pin(async move { limits.seed_spend(&rows).await });
+        if futures::FutureExt::now_or_never(&mut seed).is_none() {
+            tokio::spawn(seed);
+        }
     }
 
     /// HS-2: HTTP sessions idle past `session.http_session_ttl` end (their transcript with

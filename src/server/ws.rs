@@ -46,7 +46,14 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
             "WebSocket is not enabled for this key; use HTTP POST /v1/responses.",
         );
     }
-    let params = app.session_params(ClientKind::WebSocket, &key, Identity::from_headers(headers));
+    // SC-6: a place among the key's open sockets, or 429 at the upgrade.
+    let socket_slot = match app.limits.admit_socket(&key).await {
+        Ok(slot) => slot,
+        Err(e) => return limit_refusal(&e),
+    };
+    let mut params =
+        app.session_params(ClientKind::WebSocket, &key, Identity::from_headers(headers));
+    params.socket_slot = socket_slot;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = client_ws_config(params.cfg.limits.max_client_message_bytes);
     app.sessions.spawn(async move {
@@ -64,6 +71,20 @@ pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
         }
     });
     switching_protocols(&accept)
+}
+
+/// A refused upgrade with the error's status, body and `Retry-After`.
+fn limit_refusal(e: &crate::error::RelayError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let mut resp = refuse(status, e.kind, &e.code, &e.message);
+    if let Some(v) = e
+        .retry_after
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
 }
 
 /// WS-6: messages and frames over the limit are refused while reading, before they are

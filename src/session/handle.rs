@@ -120,6 +120,10 @@ impl Session {
             );
         };
         let now = self.p.current.read().clone();
+        let hold = match self.admit_key(&now, &model, &req).await {
+            Ok(hold) => hold,
+            Err(e) => return self.refuse_create(&read, Some(&model), e),
+        };
         let bound = self.binding_for(&req).await;
         let choice = match bound.as_deref() {
             // SC-2: a stored response's conversation goes on where it is stored (CT-3).
@@ -181,7 +185,7 @@ impl Session {
         let mut body = req.body;
         body.insert("type".into(), Value::String("response.create".into()));
         body.insert("model".into(), Value::String(model.clone()));
-        self.turn = Some(Turn::new(TurnStart {
+        let mut turn = Turn::new(TurnStart {
             request_id: read.request_id,
             created_ms: read.created_ms,
             read_at: read.at,
@@ -199,7 +203,9 @@ impl Session {
             } else {
                 super::turn::Transport::CtxPool
             },
-        }));
+        });
+        turn.limit_hold = hold;
+        self.turn = Some(turn);
         if http {
             // A held WebSocket context is no use to an HTTP turn; it goes back to the pool.
             self.upstream = None;
@@ -240,6 +246,32 @@ impl Session {
 
     /// The account a `previous_response_id` this session cannot serve itself is bound to, as
     /// a stored response of this key (SC-2, CT-3).
+    /// SC-6 and `keys[].models`: whether the session's key may run this turn now; the hold
+    /// keeps its place among the key's concurrent turns.
+    async fn admit_key(
+        &mut self,
+        cfg: &crate::config::Config,
+        model: &str,
+        req: &CreateRequest,
+    ) -> Result<Option<crate::limits::TurnHold>, RelayError> {
+        // A key removed by a reload has its socket closed after the turn (WS-8).
+        let Some(key) = cfg.keys.iter().find(|k| k.id == self.p.key_id) else {
+            return Ok(None);
+        };
+        if !key.allows_model(model) {
+            return Err(RelayError::new(
+                Side::Client,
+                403,
+                "permission_error",
+                "model_not_allowed",
+            )
+            .message(format!("This key may not use the model '{model}'."))
+            .param("model"));
+        }
+        let warm_up = req.body.get("generate").and_then(Value::as_bool) == Some(false);
+        self.p.limits.admit_turn(key, warm_up).await.map(Some)
+    }
+
     /// A store that cannot answer counts as no binding (CT-3's 400, never a 5xx).
     async fn binding_for(&mut self, req: &CreateRequest) -> Option<String> {
         let prev = req.previous_response_id()?;

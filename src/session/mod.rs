@@ -69,6 +69,10 @@ pub struct SessionParams {
     /// The per-turn account choice (SC-2), with the operators' overrides (TM-3) and the
     /// accounts' health (SC-5).
     pub scheduler: Arc<crate::scheduler::Scheduler>,
+    /// Per-key limits (SC-6).
+    pub limits: Arc<crate::limits::Limits>,
+    /// The socket's place among its key's open sockets (SC-6), held for the session's life.
+    pub socket_slot: Option<crate::state::Slot>,
     /// The client for `http` accounts (one pool of upstream connections per relay).
     pub http: reqwest::Client,
     /// Cancelled when the relay shuts down: the socket closes with 1012.

@@ -87,6 +87,9 @@ impl Session {
             error_class,
             error_side,
         };
+        // SC-6: tokens (estimates included) and cost count against the key's limits.
+        let charged = r.tokens.input + r.tokens.output;
+        self.p.limits.charge(&self.p.key_id, charged, r.cost_usd);
         tracing::info!(
             request_id = %r.request_id,
             turn = r.seq,

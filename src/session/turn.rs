@@ -81,6 +81,8 @@ pub struct Turn {
     /// Chains from a stored response bound to its account (SC-2): sent as it is, and never
     /// moved to another account.
     pub bound: bool,
+    /// The turn's place among its key's concurrent turns (SC-6).
+    pub limit_hold: Option<crate::limits::TurnHold>,
 }
 
 /// What a turn starts from.
@@ -135,6 +137,7 @@ impl Turn {
             ticket: t.ticket,
             failed_on: Vec::new(),
             bound: t.bound,
+            limit_hold: None,
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::overrides::{self, Override};
-use super::{SlotId, StateError, StateStore};
+use super::{SlotId, StateError, StateStore, WindowVerdict};
 use crate::usage::store::Store;
 
 #[derive(Default)]
@@ -30,6 +30,8 @@ pub struct MemoryStore {
     overrides: Mutex<HashMap<String, Override>>,
     persist: Option<Arc<Mutex<Store>>>,
     bindings: Mutex<Bindings>,
+    windows: Mutex<HashMap<String, VecDeque<(Instant, u64)>>>,
+    counters: Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 /// Named values with an expiry, dropped lazily: an expired one reads as absent, and each bind
@@ -182,5 +184,75 @@ impl StateStore for MemoryStore {
             .filter(|(_, exp)| *exp > now)
             .map(|(v, _)| v.clone());
         futures::future::ready(Ok(v)).boxed()
+    }
+
+    fn window<'a>(
+        &'a self,
+        name: &'a str,
+        window: Duration,
+        amount: u64,
+        limit: Option<u64>,
+    ) -> BoxFuture<'a, Result<WindowVerdict, StateError>> {
+        let now = Instant::now();
+        let mut all = self.windows.lock();
+        let w = all.entry(name.to_string()).or_default();
+        while w.front().is_some_and(|(at, _)| *at + window <= now) {
+            w.pop_front();
+        }
+        let total: u64 = w.iter().map(|(_, n)| n).sum();
+        let need = amount.max(1);
+        let verdict = match limit {
+            Some(limit) if total + need > limit => {
+                // Until enough of the oldest amounts have left the window.
+                let mut left = total;
+                let mut at = now;
+                for (t, n) in w.iter() {
+                    if left + need <= limit {
+                        break;
+                    }
+                    left -= n;
+                    at = *t + window;
+                }
+                WindowVerdict {
+                    allowed: false,
+                    total,
+                    retry_after: at.saturating_duration_since(now),
+                }
+            }
+            _ => {
+                if amount > 0 {
+                    w.push_back((now, amount));
+                }
+                WindowVerdict {
+                    allowed: true,
+                    total: total + amount,
+                    retry_after: Duration::ZERO,
+                }
+            }
+        };
+        if w.is_empty() {
+            all.remove(name);
+        }
+        futures::future::ready(Ok(verdict)).boxed()
+    }
+
+    fn counter_add<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<u64, StateError>> {
+        let now = Instant::now();
+        let mut all = self.counters.lock();
+        all.retain(|_, (_, until)| *until > now);
+        let total = if amount == 0 {
+            all.get(name).map_or(0, |(n, _)| *n)
+        } else {
+            let c = all.entry(name.to_string()).or_insert((0, now + ttl));
+            c.0 += amount;
+            c.1 = now + ttl;
+            c.0
+        };
+        futures::future::ready(Ok(total)).boxed()
     }
 }

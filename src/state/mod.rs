@@ -2,10 +2,10 @@
 //! in a [`StateStore`]. The `memory` backend keeps it in this process; a networked backend
 //! (Redis) implements the same trait, which is why every call is async and fallible.
 //!
-//! It holds concurrency slots (per-account turn slots, SC-3), the bindings of stored responses
-//! to their accounts (SC-2) and the operators' overrides (TM-3). Rate and spend counters come
-//! with per-key limits; the breaker lives in the scheduler's memory until the Redis backend
-//! shares it.
+//! It holds concurrency slots (per-account turn slots, SC-3; per-key turns and sockets, SC-6),
+//! the bindings of stored responses to their accounts (SC-2), sliding windows and counters for
+//! per-key rates and spend (SC-6), and the operators' overrides (TM-3). The breaker lives in
+//! the scheduler's memory until the Redis backend shares it.
 
 mod memory;
 pub mod overrides;
@@ -59,6 +59,26 @@ pub trait StateStore: Send + Sync + 'static {
     /// What `name` is bound to, while its binding lasts.
     fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>>;
 
+    /// Sliding window `name` of length `window`: when `limit` is set and the amounts in the
+    /// window plus `max(amount, 1)` would exceed it, nothing is added and the answer says how
+    /// long until they would not; else `amount` is added now (SC-6).
+    fn window<'a>(
+        &'a self,
+        name: &'a str,
+        window: Duration,
+        amount: u64,
+        limit: Option<u64>,
+    ) -> BoxFuture<'a, Result<WindowVerdict, StateError>>;
+
+    /// Adds `amount` to counter `name` (kept `ttl` after its last change) and answers the new
+    /// total; `amount` 0 reads it.
+    fn counter_add<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<u64, StateError>>;
+
     /// Every account override (TM-3).
     fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>>;
 
@@ -73,6 +93,16 @@ pub trait StateStore: Send + Sync + 'static {
 /// How often a waiter re-checks a scope even without a release hint (a backend may not be
 /// able to tell every release, e.g. a lease that expired on another instance).
 const RECHECK: Duration = Duration::from_millis(100);
+
+/// The answer of [`StateStore::window`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowVerdict {
+    pub allowed: bool,
+    /// The amounts in the window after the call.
+    pub total: u64,
+    /// When refused: how long until the same call would pass.
+    pub retry_after: Duration,
+}
 
 /// A held slot; released when dropped.
 pub struct Slot {
@@ -201,6 +231,44 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(s.bound("r1").await.unwrap(), None);
         assert_eq!(s.bound("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sc6_sliding_window_refuses_at_the_limit_and_says_when_it_frees() {
+        let s = store();
+        let minute = Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(s.window("w", minute, 1, Some(3)).await.unwrap().allowed);
+            tokio::time::advance(Duration::from_secs(10)).await;
+        }
+        let no = s.window("w", minute, 1, Some(3)).await.unwrap();
+        assert_eq!((no.allowed, no.total), (false, 3));
+        assert_eq!(
+            no.retry_after,
+            Duration::from_secs(30),
+            "the oldest leaves at 60 s"
+        );
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let yes = s.window("w", minute, 1, Some(3)).await.unwrap();
+        assert_eq!((yes.allowed, yes.total), (true, 3), "exactly at the edge");
+        // Amounts: a check (0) passes while under the limit; charges go in without one.
+        s.window("t", minute, 90, None).await.unwrap();
+        assert!(s.window("t", minute, 0, Some(100)).await.unwrap().allowed);
+        s.window("t", minute, 10, None).await.unwrap();
+        let full = s.window("t", minute, 0, Some(100)).await.unwrap();
+        assert_eq!((full.allowed, full.total), (false, 100));
+        assert_eq!(full.retry_after, minute, "both charges were made at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sc6_counters_add_read_and_expire() {
+        let s = store();
+        let ttl = Duration::from_secs(100);
+        assert_eq!(s.counter_add("c", 5, ttl).await.unwrap(), 5);
+        assert_eq!(s.counter_add("c", 0, ttl).await.unwrap(), 5);
+        assert_eq!(s.counter_add("c", 7, ttl).await.unwrap(), 12);
+        tokio::time::advance(Duration::from_secs(101)).await;
+        assert_eq!(s.counter_add("c", 0, ttl).await.unwrap(), 0);
     }
 
     #[tokio::test(start_paused = true)]
