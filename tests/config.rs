@@ -470,7 +470,7 @@ fn op4_every_bad_value_names_its_path() {
         ),
         ("keys: [{id: a, key_sha256: k, key: k}]".into(), "keys[0]"),
         (
-            "keys: [{id: a, key: k, models: ['*']}]".into(),
+            "keys: [{id: a, key: k, models: []}]".into(),
             "keys[0].models",
         ),
         (

@@ -108,8 +108,11 @@ async fn sc6_rpm_sliding_window_over_ws_and_http() {
     // The other key is untouched.
     let mut free = env.connect().await;
     assert!(completed(&turn(&mut free, "free").await));
-    // The window edge: refused until the oldest request leaves, admitted after.
+    // The window edge: refused until the oldest request leaves, admitted after (on a new
+    // socket: this one does not answer the relay's pings while the test sleeps).
+    drop(ws);
     tokio::time::sleep(Duration::from_secs(wait) + Duration::from_millis(300)).await;
+    let mut ws = connect_lim(&env).await;
     assert!(completed(&turn(&mut ws, "after the window").await));
     let records = env.records_when(7).await;
     let rejected: Vec<_> = records

@@ -190,3 +190,59 @@ fn over(key: &KeyConfig, limit: &str, what: String, retry_after: Duration) -> Re
 fn unavailable(e: crate::state::StateError) -> RelayError {
     RelayError::new(Side::Internal, 500, "server_error", "state_unavailable").message(e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::KeyLimits;
+    use crate::state::MemoryStore;
+
+    fn key(limits: KeyLimits) -> KeyConfig {
+        let mut k = KeyConfig::new("k", "sy-k");
+        k.limits = limits;
+        k
+    }
+
+    #[tokio::test]
+    async fn sc6_budgets_by_day_and_month_and_their_retry_after() {
+        let limits = Limits::new(Arc::new(MemoryStore::default()));
+        let monthly = key(KeyLimits {
+            monthly_budget_usd: Some(0.5),
+            ..KeyLimits::default()
+        });
+        assert!(limits.admit_turn(&monthly, false).await.is_ok());
+        limits.charge("k", 10, Some(0.3));
+        assert!(limits.admit_turn(&monthly, false).await.is_ok(), "0.3 of 0.5");
+        limits.charge("k", 10, Some(0.2));
+        let e = limits.admit_turn(&monthly, true).await.expect_err("spent");
+        let now = periods::now_utc();
+        let left = periods::Period::Month.until_next(now).as_secs();
+        let said: u64 = e.retry_after.as_deref().unwrap().parse().unwrap();
+        assert!(said <= left + 1 && said + 5 >= left, "{said} vs {left}");
+        // The same spend under a daily budget: also over.
+        let daily = key(KeyLimits {
+            daily_budget_usd: Some(0.5),
+            ..KeyLimits::default()
+        });
+        assert_eq!(limits.admit_turn(&daily, false).await.unwrap_err().status, 429);
+        // Seeded spend counts like charged spend (a restart).
+        let fresh = Limits::new(Arc::new(MemoryStore::default()));
+        fresh.seed_spend(&[("k".into(), 0.0, 0.6)]).await;
+        assert!(fresh.admit_turn(&monthly, false).await.is_err());
+        assert!(fresh.admit_turn(&daily, false).await.is_ok(), "nothing spent today");
+    }
+
+    #[tokio::test]
+    async fn sc6_concurrent_turns_are_held_until_the_hold_drops() {
+        let limits = Limits::new(Arc::new(MemoryStore::default()));
+        let k = key(KeyLimits {
+            concurrent_turns: Some(1),
+            ..KeyLimits::default()
+        });
+        let hold = limits.admit_turn(&k, false).await.expect("first");
+        let e = limits.admit_turn(&k, false).await.expect_err("second");
+        assert_eq!((e.status, e.retry_after.as_deref()), (429, Some("1")));
+        drop(hold);
+        assert!(limits.admit_turn(&k, false).await.is_ok());
+    }
+}
