@@ -724,11 +724,11 @@ async fn ws8_relay_pings_the_client_every_interval() {
 #[tokio::test]
 async fn ws8_client_that_answers_pings_outlives_the_idle_timeout() {
     // Margins wide enough for a loaded machine: a pong may be late by most of the timeout.
-    let env = relay("session:\n  client_ping_interval: 50ms\n  client_idle_timeout: 300ms\n").await;
+    let env = relay("session:\n  client_ping_interval: 100ms\n  client_idle_timeout: 1s\n").await;
     let mut ws = env.connect().await;
-    // Ten pings span well over the idle timeout; the pongs keep the socket open.
+    // Fifteen pings span well over the idle timeout; the pongs keep the socket open.
     let mut pings = 0;
-    while pings < 10 {
+    while pings < 15 {
         let msg = tokio::time::timeout(HANG_GUARD, ws.next())
             .await
             .expect("hang guard: WS-8 ping");
@@ -743,7 +743,8 @@ async fn ws8_client_that_answers_pings_outlives_the_idle_timeout() {
 
 #[tokio::test]
 async fn ws8_client_that_never_pongs_is_closed_1001() {
-    let env = relay("session:\n  client_ping_interval: 20ms\n  client_idle_timeout: 100ms\n").await;
+    // The first ping is due long before the idle timeout, even on a loaded machine.
+    let env = relay("session:\n  client_ping_interval: 50ms\n  client_idle_timeout: 1s\n").await;
     let mut raw = RawWs::connect(env.relay.addr, KEY).await;
     // One guard over the whole read: the pings alone would keep a per-read guard from firing.
     let (pings, code) = tokio::time::timeout(HANG_GUARD, async {

@@ -168,7 +168,10 @@ async fn sc2_sc5_simulation_load_follows_capacity_and_a_failing_account_drains_a
         refused <= BREAKER_FAILURES + parallel as u64 + 4,
         "the breaker stopped the dials: {refused}"
     );
-    assert_eq!(sim.health("small").await["breaker"], "open");
+    // Open, or half-open when the phase outlasted the cooldown on a slow machine; never
+    // closed while small is down.
+    let state = sim.health("small").await["breaker"].clone();
+    assert!(state == "open" || state == "half_open", "{state}");
 
     sim.mocks[2].set_outage(None);
     let mut half_open = false;

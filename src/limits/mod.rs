@@ -212,7 +212,10 @@ mod tests {
         });
         assert!(limits.admit_turn(&monthly, false).await.is_ok());
         limits.charge("k", 10, Some(0.3));
-        assert!(limits.admit_turn(&monthly, false).await.is_ok(), "0.3 of 0.5");
+        assert!(
+            limits.admit_turn(&monthly, false).await.is_ok(),
+            "0.3 of 0.5"
+        );
         limits.charge("k", 10, Some(0.2));
         let e = limits.admit_turn(&monthly, true).await.expect_err("spent");
         let now = periods::now_utc();
@@ -224,12 +227,18 @@ mod tests {
             daily_budget_usd: Some(0.5),
             ..KeyLimits::default()
         });
-        assert_eq!(limits.admit_turn(&daily, false).await.unwrap_err().status, 429);
+        assert_eq!(
+            limits.admit_turn(&daily, false).await.unwrap_err().status,
+            429
+        );
         // Seeded spend counts like charged spend (a restart).
         let fresh = Limits::new(Arc::new(MemoryStore::default()));
         fresh.seed_spend(&[("k".into(), 0.0, 0.6)]).await;
         assert!(fresh.admit_turn(&monthly, false).await.is_err());
-        assert!(fresh.admit_turn(&daily, false).await.is_ok(), "nothing spent today");
+        assert!(
+            fresh.admit_turn(&daily, false).await.is_ok(),
+            "nothing spent today"
+        );
     }
 
     #[tokio::test]
