@@ -125,31 +125,9 @@ impl Session {
             Err(e) => return self.refuse_create(&read, Some(&model), e),
         };
         let bound = self.binding_for(&req).await;
-        let choice = match bound.as_deref() {
-            // SC-2: a stored response's conversation goes on where it is stored (CT-3).
-            Some(id) => match self.p.scheduler.choose_bound(&now, id, &model) {
-                Some(c) => c,
-                None => {
-                    let prev = req.previous_response_id().unwrap_or_default();
-                    let e = RelayError::invalid_request(
-                        "previous_response_not_found",
-                        format!("Previous response with id '{prev}' not found: its account takes no turns now."),
-                    )
-                    .param("previous_response_id");
-                    return self.refuse_create(&read, Some(&model), e);
-                }
-            },
-            None => {
-                let ask = scheduler::Ask {
-                    model: &model,
-                    sticky: self.sticky.as_deref(),
-                    ..scheduler::Ask::default()
-                };
-                match self.p.scheduler.choose(&now, ask) {
-                    Ok(c) => c,
-                    Err(why) => return self.refuse_unscheduled(&read, &model, why),
-                }
-            }
+        let choice = match self.choose_account(&now, &model, bound.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return self.refuse_create(&read, Some(&model), e),
         };
         let account = choice.account;
         if self.passthrough_wanted(&account) {
@@ -161,15 +139,9 @@ impl Session {
         }
         if let Some(prev) = req.previous_response_id().filter(|_| bound.is_none()) {
             if self.last_response_id.as_deref() != Some(prev) {
-                return self.refuse_create(
-                    &read,
-                    Some(&model),
-                    RelayError::invalid_request(
-                        "previous_response_not_found",
-                        format!("Previous response with id '{prev}' not found."),
-                    )
-                    .param("previous_response_id"),
-                );
+                let e =
+                    previous_not_found(format!("Previous response with id '{prev}' not found."));
+                return self.refuse_create(&read, Some(&model), e);
             }
         }
         self.sticky = Some(account.id.clone());
@@ -224,10 +196,33 @@ impl Session {
         self.admit(account, reuse).await
     }
 
-    /// 400 `model_not_found` when no account serves the model, 503 `no_capacity` when none
-    /// takes turns now.
-    fn refuse_unscheduled(&mut self, read: &Read, model: &str, why: scheduler::NoAccount) -> Step {
-        let e = match why {
+    /// The turn's account (SC-2): the one a stored response is bound to (400
+    /// `previous_response_not_found` when it takes no turns now), else the scheduler's choice
+    /// (400 `model_not_found` when no account serves the model, 503 `no_capacity` when none
+    /// takes turns now).
+    fn choose_account(
+        &self,
+        cfg: &crate::config::Config,
+        model: &str,
+        bound: Option<&str>,
+    ) -> Result<scheduler::Choice, RelayError> {
+        if let Some(id) = bound {
+            return self
+                .p
+                .scheduler
+                .choose_bound(cfg, id, model)
+                .ok_or_else(|| {
+                    previous_not_found(
+                        "Previous response not found: its account takes no turns now.".into(),
+                    )
+                });
+        }
+        let ask = scheduler::Ask {
+            model,
+            sticky: self.sticky.as_deref(),
+            ..scheduler::Ask::default()
+        };
+        self.p.scheduler.choose(cfg, ask).map_err(|why| match why {
             scheduler::NoAccount::Unknown => RelayError::invalid_request(
                 "model_not_found",
                 format!("No upstream account serves the model '{model}'."),
@@ -240,8 +235,7 @@ impl Session {
                     ),
                 )
             }
-        };
-        self.refuse_create(read, Some(model), e)
+        })
     }
 
     /// The account a `previous_response_id` this session cannot serve itself is bound to, as
@@ -328,6 +322,12 @@ impl Session {
             _ => self.out.finish().await,
         }
     }
+}
+
+/// CT-3's 400 for a `previous_response_id` the relay cannot serve.
+fn previous_not_found(message: String) -> RelayError {
+    RelayError::invalid_request("previous_response_not_found", message)
+        .param("previous_response_id")
 }
 
 /// A read error from the client socket, as the close it deserves (WS-4, WS-6).
