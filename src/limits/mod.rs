@@ -92,7 +92,7 @@ impl Limits {
         // instance of a shared backend.
         let ttl = Duration::from_secs(30);
         match self.state.try_acquire(&scope, limit, ttl).await {
-            Ok(Some(id)) => Ok(Slot::new(self.state.clone(), scope, id)),
+            Ok(Some(id)) => Ok(Slot::new(self.state.clone(), scope, id, ttl)),
             Ok(None) => Err(over(
                 key,
                 &format!("concurrent_{what}"),

@@ -40,7 +40,7 @@ impl Session {
             .await;
         match now {
             Ok(Some(id)) => {
-                let slot = Slot::new(self.p.state.clone(), scope, id);
+                let slot = Slot::new(self.p.state.clone(), scope, id, SLOT_TTL);
                 if let Some(turn) = self.turn.as_mut() {
                     turn.slot = Some(slot);
                 }

@@ -9,6 +9,7 @@
 
 mod memory;
 pub mod overrides;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +42,22 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Gives a slot back. Never waits: a networked backend sends it in the background.
     fn release(&self, scope: &str, slot: SlotId);
+
+    /// Extends a held slot's lease by `ttl`; false when it had already run out.
+    fn renew<'a>(
+        &'a self,
+        _scope: &'a str,
+        _slot: SlotId,
+        _ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>> {
+        futures::FutureExt::boxed(futures::future::ready(Ok(true)))
+    }
+
+    /// Whether a held slot must be renewed to stay held (a shared backend's leases run out, so
+    /// a crashed instance cannot hold slots forever).
+    fn leases_expire(&self) -> bool {
+        false
+    }
 
     /// Slots of `scope` held now.
     fn held<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<usize, StateError>>;
@@ -104,11 +121,13 @@ pub struct WindowVerdict {
     pub retry_after: Duration,
 }
 
-/// A held slot; released when dropped.
+/// A held slot; released when dropped, and renewed every third of its TTL meanwhile when the
+/// backend's leases run out.
 pub struct Slot {
     store: Arc<dyn StateStore>,
     scope: String,
     id: SlotId,
+    renewal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -118,14 +137,43 @@ impl std::fmt::Debug for Slot {
 }
 
 impl Slot {
-    /// Wraps a slot taken with `try_acquire`, so it is released when dropped.
-    pub fn new(store: Arc<dyn StateStore>, scope: String, id: SlotId) -> Slot {
-        Slot { store, scope, id }
+    /// Wraps a slot taken with `try_acquire` for `ttl`, so it is kept while held and released
+    /// when dropped.
+    pub fn new(store: Arc<dyn StateStore>, scope: String, id: SlotId, ttl: Duration) -> Slot {
+        let renewal = store
+            .leases_expire()
+            .then(|| tokio::spawn(renew(store.clone(), scope.clone(), id, ttl)));
+        Slot {
+            store,
+            scope,
+            id,
+            renewal,
+        }
+    }
+}
+
+/// Renews a held slot's lease every third of its TTL until the slot is dropped.
+async fn renew(store: Arc<dyn StateStore>, scope: String, id: SlotId, ttl: Duration) {
+    let every = (ttl / 3).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew(&scope, id, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(scope, slot = id, "slot lease ran out before its renewal");
+                return;
+            }
+            // Tried again at the next tick; the lease may still be alive.
+            Err(e) => tracing::warn!(scope, error = %e, "slot lease not renewed"),
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(r) = self.renewal.take() {
+            r.abort();
+        }
         self.store.release(&self.scope, self.id);
     }
 }
@@ -143,7 +191,7 @@ pub async fn acquire(
         // Listen before looking, so a release between the two is not missed.
         let hint = store.released(scope);
         if let Some(id) = store.try_acquire(scope, limit, ttl).await? {
-            return Ok(Some(Slot::new(store.clone(), scope.to_string(), id)));
+            return Ok(Some(Slot::new(store.clone(), scope.to_string(), id, ttl)));
         }
         let recheck = (Instant::now() + RECHECK).min(deadline);
         tokio::select! {
