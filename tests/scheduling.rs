@@ -4,98 +4,9 @@
 
 mod common;
 
+use common::multi::*;
 use common::*;
 use serde_json::{json, Value};
-use switchyard::mock::{MockOptions, MockUpstream};
-
-const TOKEN: &str = "adm-secret";
-const OTHER_KEY: &str = "sy-other-key";
-
-/// A relay in front of one mock per account.
-struct Multi {
-    mocks: Vec<MockUpstream>,
-    relay: switchyard::server::Running,
-    _dir: tempfile::TempDir,
-}
-
-/// `accounts`: (id, extra YAML lines for that account, each starting with four spaces).
-async fn multi(accounts: &[(&str, &str)], extra: &str) -> Multi {
-    let dir = tempfile::tempdir().expect("dir");
-    multi_in(accounts, extra, dir).await
-}
-
-async fn multi_in(accounts: &[(&str, &str)], extra: &str, dir: tempfile::TempDir) -> Multi {
-    let mut mocks = Vec::new();
-    let mut yaml = format!(
-        "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\n  - id: other\n    key: {OTHER_KEY}\nadmin:\n  token: {TOKEN}\nstore:\n  path: {}\n{extra}accounts:\n",
-        dir.path().join("state.db").display()
-    );
-    for (id, more) in accounts {
-        let mock = MockUpstream::start(MockOptions::default())
-            .await
-            .expect("mock");
-        yaml.push_str(&format!(
-            "  - id: {id}\n    base_url: {}\n    api_key: sk-{id}\n{more}",
-            mock.base_url()
-        ));
-        mocks.push(mock);
-    }
-    let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
-    let relay = switchyard::server::spawn(cfg).await.expect("relay");
-    Multi {
-        mocks,
-        relay,
-        _dir: dir,
-    }
-}
-
-impl Multi {
-    async fn connect(&self) -> Ws {
-        ws_connect(&format!("ws://{}/v1/responses", self.relay.addr), KEY).await
-    }
-
-    /// Requests each mock has seen.
-    fn seen(&self) -> Vec<usize> {
-        self.mocks.iter().map(|m| m.log().requests.len()).collect()
-    }
-
-    async fn accounts(&self) -> Vec<Value> {
-        let url = format!("http://{}/admin/v1/accounts", self.relay.addr);
-        let r = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("admin");
-        r.json::<Vec<Value>>().await.expect("json")
-    }
-
-    async fn account(&self, id: &str) -> Value {
-        let all = self.accounts().await;
-        all.into_iter().find(|a| a["id"] == id).expect("account")
-    }
-
-    async fn admin_post(&self, path: &str) -> u16 {
-        let url = format!("http://{}/admin/v1/accounts/{path}", self.relay.addr);
-        let r = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("admin");
-        r.status().as_u16()
-    }
-
-    async fn records(&self) -> Vec<switchyard::usage::Record> {
-        let usage = &self.relay.app.usage;
-        usage.flush().await.expect("flush");
-        let store =
-            switchyard::usage::store::Store::open(&self.relay.app.cfg().store.path).expect("store");
-        store
-            .records(&switchyard::usage::store::Query::default())
-            .expect("records")
-    }
-}
 
 fn last(events: &[Value]) -> &Value {
     events.last().expect("an event")
@@ -385,12 +296,10 @@ async fn up8_a_refused_credential_disables_the_account_until_enabled() {
     assert_eq!(env.mocks[0].log().refused_upgrades, 1, "a stays out");
     drop((ws, ws2));
     // Restarted on the same store: still disabled.
-    let Multi {
-        mocks, relay, _dir, ..
-    } = env;
+    let Multi { mocks, relay, dir } = env;
     drop(relay);
     drop(mocks);
-    let again = multi_in(&accounts, "", _dir).await;
+    let again = multi_in(&accounts, "", dir).await;
     assert_eq!(again.account("a").await["enabled"], false);
     assert_eq!(again.admin_post("a/enable").await, 200);
     let mut ws = again.connect().await;

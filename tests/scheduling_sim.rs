@@ -15,11 +15,10 @@ mod common;
 
 use std::sync::Arc;
 
+use common::multi::*;
 use common::*;
 use serde_json::{json, Value};
-use switchyard::mock::{MockOptions, MockUpstream};
 
-const TOKEN: &str = "adm-secret";
 const NAMES: [&str; 3] = ["big", "mid", "small"];
 const CONCURRENCY: [usize; 3] = [8, 4, 2];
 const BREAKER_FAILURES: u64 = 3;
@@ -31,63 +30,36 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-struct Sim {
-    mocks: Vec<MockUpstream>,
-    relay: switchyard::server::Running,
-    _dir: tempfile::TempDir,
-}
+/// The three accounts behind one relay.
+struct Sim(Multi);
 
 impl Sim {
     async fn start() -> Sim {
-        let dir = tempfile::tempdir().expect("dir");
-        let mut yaml = format!(
-            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\nadmin:\n  token: {TOKEN}\nstore:\n  path: {}\nscheduler:\n  breaker_failures: {BREAKER_FAILURES}\n  breaker_cooldown: 3s\nupstream:\n  retry_budget: 3\naccounts:\n",
-            dir.path().join("state.db").display()
+        let accounts: Vec<(&str, String)> = NAMES
+            .iter()
+            .zip(CONCURRENCY)
+            .map(|(name, conc)| (*name, format!("    concurrency: {conc}\n")))
+            .collect();
+        let accounts: Vec<(&str, &str)> = accounts.iter().map(|(n, c)| (*n, c.as_str())).collect();
+        let extra = format!(
+            "scheduler:\n  breaker_failures: {BREAKER_FAILURES}\n  breaker_cooldown: 3s\nupstream:\n  retry_budget: 3\n"
         );
-        let mut mocks = Vec::new();
-        for (name, conc) in NAMES.iter().zip(CONCURRENCY) {
-            let mock = MockUpstream::start(MockOptions::default())
-                .await
-                .expect("mock");
-            yaml.push_str(&format!(
-                "  - id: {name}\n    base_url: {}\n    api_key: sk-{name}\n    concurrency: {conc}\n",
-                mock.base_url()
-            ));
-            mocks.push(mock);
-        }
-        let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
-        let relay = switchyard::server::spawn(cfg).await.expect("relay");
-        Sim {
-            mocks,
-            relay,
-            _dir: dir,
-        }
+        Sim(multi(&accounts, &extra).await)
     }
 
     fn requests(&self) -> Vec<usize> {
-        self.mocks.iter().map(|m| m.log().requests.len()).collect()
+        self.0.seen()
     }
 
     async fn health(&self, id: &str) -> Value {
-        let url = format!("http://{}/admin/v1/accounts", self.relay.addr);
-        let all: Vec<Value> = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("admin")
-            .json()
-            .await
-            .expect("json");
-        let a = all.into_iter().find(|a| a["id"] == id).expect("account");
-        a["health"].clone()
+        self.0.account(id).await["health"].clone()
     }
 
     /// Runs `sessions` sessions of two chained turns, `parallel` at once; every turn must
     /// complete. Returns the requests each account served.
     async fn phase(&self, name: &str, sessions: usize, parallel: usize) -> Vec<usize> {
         let before = self.requests();
-        let url = format!("ws://{}/v1/responses", self.relay.addr);
+        let url = format!("ws://{}/v1/responses", self.0.relay.addr);
         let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
         let mut tasks = Vec::new();
         for _ in 0..sessions {
@@ -146,7 +118,7 @@ async fn sc2_sc5_simulation_load_follows_capacity_and_a_failing_account_drains_a
     let sim = Sim::start().await;
     // The mid account fails 10 % of its requests with a 500 before output throughout: each
     // such turn moves to another account without the client noticing (SC-4).
-    sim.mocks[1].set_fail_rate(100);
+    sim.0.mocks[1].set_fail_rate(100);
 
     let up = sim.phase("all up", sessions, parallel).await;
     assert!(
@@ -154,11 +126,11 @@ async fn sc2_sc5_simulation_load_follows_capacity_and_a_failing_account_drains_a
         "load follows capacity: {up:?}"
     );
 
-    sim.mocks[2].set_outage(Some((503, None)));
-    sim.mocks[2].close_all(1011);
-    let refused_before = sim.mocks[2].log().refused_upgrades;
+    sim.0.mocks[2].set_outage(Some((503, None)));
+    sim.0.mocks[2].close_all(1011);
+    let refused_before = sim.0.mocks[2].log().refused_upgrades;
     let down = sim.phase("small down", sessions, parallel).await;
-    let refused = sim.mocks[2].log().refused_upgrades - refused_before;
+    let refused = sim.0.mocks[2].log().refused_upgrades - refused_before;
     println!("  small: {refused} dials refused before and while its breaker was open");
     assert_eq!(down[2], 0);
     // Without the breaker small would be dialed for its share of every phase's sessions; with
@@ -173,7 +145,7 @@ async fn sc2_sc5_simulation_load_follows_capacity_and_a_failing_account_drains_a
     let state = sim.health("small").await["breaker"].clone();
     assert!(state == "open" || state == "half_open", "{state}");
 
-    sim.mocks[2].set_outage(None);
+    sim.0.mocks[2].set_outage(None);
     let mut half_open = false;
     for _ in 0..1200 {
         if sim.health("small").await["breaker"] == "half_open" {

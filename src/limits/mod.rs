@@ -128,7 +128,8 @@ impl Limits {
     pub fn charge(&self, key_id: &str, tokens: u64, cost_usd: Option<f64>) {
         let (state, key) = (self.state.clone(), key_id.to_string());
         let micro = cost_usd.map(|c| (c * 1e6).round().max(0.0) as u64);
-        let mut work = Box::pin(async move {
+        // The memory backend charges at once, before the client can send its next request.
+        crate::state::write_soon(async move {
             if tokens > 0 {
                 if let Err(e) = state.window(&name("tpm", &key), MINUTE, tokens, None).await {
                     tracing::warn!(error = %e, key = %key, "tokens not charged");
@@ -144,10 +145,6 @@ impl Limits {
                 }
             }
         });
-        // The memory backend charges at once, before the client can send its next request.
-        if futures::FutureExt::now_or_never(&mut work).is_none() {
-            tokio::spawn(work);
-        }
     }
 
     /// Seeds the day and month spend counters from the recorded cost (at start, before any

@@ -126,10 +126,6 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    pub fn account(&self) -> &str {
-        &self.account
-    }
-
     /// The health this ticket reports to.
     pub fn health(&self) -> &Health {
         &self.health
@@ -178,21 +174,11 @@ impl Health {
     /// disable the account, 429 cools it down, a 5xx or an I/O failure is a failure; any other
     /// 4xx is the request's own fault and does not count.
     pub fn refused(&self, account: &str, e: &RelayError) {
-        use crate::error::Side;
-        let status = match e.side {
-            Side::UpstreamProtocol => e.handshake_status.or(Some(e.status)),
-            Side::UpstreamIo => e.handshake_status,
-            // The relay's own failure (a bad header value, say) says nothing of the upstream.
-            Side::Client | Side::Internal => return,
-        };
-        match status {
-            Some(401 | 403) => self.auth_refused(account, e),
-            Some(429) => {
-                let wait = e.retry_after.as_deref().and_then(parse_retry_after);
-                self.rate_limited(account, wait)
-            }
-            Some(s) if s < 500 => {}
-            _ => self.failure(account, &e.message),
+        match Refusal::of(e) {
+            Refusal::Auth => self.auth_refused(account, e),
+            Refusal::RateLimited(wait) => self.rate_limited(account, wait),
+            Refusal::Failure => self.failure(account, &e.message),
+            Refusal::NotTheAccount => {}
         }
     }
 
@@ -221,10 +207,6 @@ impl Health {
 
     pub fn configure(&self, s: BreakerSettings) {
         *self.settings.lock() = s;
-    }
-
-    pub fn settings(&self) -> BreakerSettings {
-        *self.settings.lock()
     }
 
     /// Whether `account` takes a turn now (breaker and cooldown; the operators' overrides are
@@ -387,6 +369,37 @@ pub struct HealthView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttft_ms: Option<f64>,
     pub turns_in_flight: usize,
+}
+
+/// What a failed dial or refused request says about its account (UP-8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 401/403: the credential.
+    Auth,
+    /// 429, with its `Retry-After`.
+    RateLimited(Option<Duration>),
+    /// A 5xx, or no answer at all.
+    Failure,
+    /// Another 4xx (the request's own fault), or the relay's own failure.
+    NotTheAccount,
+}
+
+impl Refusal {
+    pub fn of(e: &RelayError) -> Refusal {
+        use crate::error::Side;
+        let status = match e.side {
+            Side::UpstreamProtocol => e.handshake_status.or(Some(e.status)),
+            Side::UpstreamIo => e.handshake_status,
+            // The relay's own failure (a bad header value, say) says nothing of the upstream.
+            Side::Client | Side::Internal => return Refusal::NotTheAccount,
+        };
+        match status {
+            Some(401 | 403) => Refusal::Auth,
+            Some(429) => Refusal::RateLimited(e.retry_after.as_deref().and_then(parse_retry_after)),
+            Some(s) if s < 500 => Refusal::NotTheAccount,
+            _ => Refusal::Failure,
+        }
+    }
 }
 
 /// A `Retry-After` value: delay seconds or an HTTP date.

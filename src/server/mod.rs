@@ -307,10 +307,7 @@ impl App {
             })
             .collect();
         let limits = self.limits.clone();
-        let mut seed = Box::pin(async move { limits.seed_spend(&rows).await });
-        if futures::FutureExt::now_or_never(&mut seed).is_none() {
-            tokio::spawn(seed);
-        }
+        crate::state::write_soon(async move { limits.seed_spend(&rows).await });
     }
 
     /// HS-2: HTTP sessions idle past `session.http_session_ttl` end (their transcript with

@@ -204,16 +204,8 @@ impl Session {
         let Some(turn) = self.turn.as_mut() else {
             return false;
         };
-        let status = e
-            .handshake_status
-            .or((e.side == Side::UpstreamProtocol).then_some(e.status));
-        let account_failed = match e.side {
-            Side::UpstreamIo => true,
-            Side::UpstreamProtocol => {
-                status.is_none_or(|s| s >= 500 || matches!(s, 401 | 403 | 429))
-            }
-            Side::Client | Side::Internal => false,
-        };
+        let account_failed = crate::scheduler::health::Refusal::of(e)
+            != crate::scheduler::health::Refusal::NotTheAccount;
         if account_failed {
             if turn.is_http() {
                 turn.account_refused(e);

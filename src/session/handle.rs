@@ -325,7 +325,7 @@ impl Session {
 }
 
 /// CT-3's 400 for a `previous_response_id` the relay cannot serve.
-fn previous_not_found(message: String) -> RelayError {
+pub(super) fn previous_not_found(message: String) -> RelayError {
     RelayError::invalid_request("previous_response_not_found", message)
         .param("previous_response_id")
 }

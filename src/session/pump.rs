@@ -74,11 +74,9 @@ impl Session {
                 metrics::counter!(metric::REPLAYS).increment(1);
                 Ok(replay_body(&turn.body, t, &turn.new_items, &turn.account_id))
             }
-            None => Err(RelayError::invalid_request(
-                "previous_response_not_found",
-                "Previous response not found: this session no longer holds its transcript; send the full input.",
-            )
-            .param("previous_response_id")),
+            None => Err(super::handle::previous_not_found(
+                "Previous response not found: this session no longer holds its transcript; send the full input.".into(),
+            )),
         }
     }
 
@@ -235,23 +233,16 @@ impl Session {
         if !(c.server_fault || limited) {
             return None;
         }
-        let turn = self.turn.as_ref()?;
+        let turn = self.turn.as_mut()?;
         if turn.bound || turn.retries_left == 0 {
             return None;
         }
-        let avoid = [turn.account_id.clone()];
-        let now = self.p.current.read().clone();
-        let ask = crate::scheduler::Ask {
-            model: &turn.model,
-            avoid: &avoid,
-            strict: true,
-            ..Default::default()
-        };
-        let choice = self.p.scheduler.choose(&now, ask).ok()?;
+        // Avoided whatever happens: with no other account the error ends the turn, and its
+        // failure is counted with the terminal (`account_outcome`).
+        turn.avoid_account();
+        let choice = self.next_account(true)?;
         let turn = self.turn.as_mut()?;
-        if limited {
-            turn.avoid_account();
-        } else {
+        if !limited {
             turn.upstream_failed(c.class.as_str());
         }
         if let Some(up) = self.upstream.take() {
@@ -397,16 +388,11 @@ impl Session {
         let name = crate::state::response_binding(&self.p.key_id, id);
         let (store, account) = (self.p.state.clone(), turn.account_id.clone());
         let ttl = self.p.cfg.scheduler.binding_ttl;
-        let mut bind = Box::pin(async move {
+        crate::state::write_soon(async move {
             if let Err(e) = store.bind(&name, &account, ttl).await {
                 tracing::warn!(error = %e, "stored response not bound to its account");
             }
         });
-        // The memory backend binds at once, before the client can see the terminal event; a
-        // networked one finishes in the background.
-        if futures::FutureExt::now_or_never(&mut bind).is_none() {
-            tokio::spawn(bind);
-        }
     }
 
     /// CT-6: a transcript over `limits.max_transcript_bytes` is dropped.

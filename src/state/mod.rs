@@ -204,6 +204,16 @@ pub async fn acquire(
     }
 }
 
+/// Runs a write to the store now when the backend answers at once (`memory`: it is done before
+/// the caller's next step, e.g. before the client sees the terminal event), else in the
+/// background (a networked backend), so the caller never waits on it.
+pub fn write_soon(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    if futures::FutureExt::now_or_never(&mut work).is_none() {
+        tokio::spawn(work);
+    }
+}
+
 /// The binding name of a stored response, scoped to the key that created it (WS-9).
 pub fn response_binding(key_id: &str, response_id: &str) -> String {
     format!("resp:{key_id}:{response_id}")

@@ -2,6 +2,8 @@
 //! hang guards, and the event dump the Python shape check reads.
 #![allow(dead_code)]
 
+pub mod multi;
+
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
