@@ -35,6 +35,10 @@ pub mod metric {
     pub const FAILOVERS: &str = "switchyard_turn_failovers_total";
     /// Requests and sockets refused by a per-key limit (SC-6), by key and limit.
     pub const LIMIT_REJECTIONS: &str = "switchyard_limit_rejections_total";
+    /// 1 while Redis is unreachable and shared state is this instance's memory (SC-7).
+    pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
+    /// Times Redis became unreachable.
+    pub const STATE_OUTAGES: &str = "switchyard_state_outages_total";
     pub const SESSIONS_RUNNING: &str = "switchyard_sessions_running";
     pub const POOL_COUNTS: &str = "switchyard_upstream_pool";
     pub const USAGE_FLUSHED: &str = "switchyard_usage_records_flushed_total";

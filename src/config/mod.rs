@@ -61,6 +61,9 @@ pub struct Config {
     /// Account choice, breakers and bindings (SC-2, SC-5).
     #[serde(deserialize_with = "value::null_as_default")]
     pub scheduler: SchedulerConfig,
+    /// Where shared state lives (SC-7).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub state: StateConfig,
 }
 
 impl Default for Config {
@@ -77,6 +80,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             usage: UsageConfig::default(),
             scheduler: SchedulerConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }
@@ -108,6 +112,42 @@ impl Default for SchedulerConfig {
             breaker_cooldown: Duration::from_secs(30),
             breaker_probes: 1,
             binding_ttl: Duration::from_secs(60 * 60),
+        }
+    }
+}
+
+/// Which `StateStore` backend holds what relay instances share (SC-7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "`memory` or `redis`")]
+pub enum StateBackend {
+    Memory,
+    Redis,
+}
+
+/// Shared state (SC-7): in this process, or in Redis for several instances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of state settings"
+)]
+pub struct StateConfig {
+    pub backend: StateBackend,
+    pub redis_url: String,
+    /// Every Redis key starts with `<redis_prefix>:`, so deployments can share one Redis.
+    pub redis_prefix: String,
+    /// How long a slot lease lasts unless renewed; a crashed instance's slots free within it.
+    #[serde(deserialize_with = "value::duration")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            backend: StateBackend::Memory,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "switchyard".into(),
+            lease_ttl: Duration::from_secs(30),
         }
     }
 }

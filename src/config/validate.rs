@@ -82,6 +82,7 @@ pub(super) fn validate(
     check_session(cfg, &mut c);
     check_usage(cfg, &mut c);
     check_scheduler(cfg, &mut c);
+    check_state(cfg, &mut c);
     check_admin(&mut cfg.admin, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
@@ -128,6 +129,19 @@ fn check_scheduler(cfg: &Config, c: &mut Checker<'_>) {
         if value.is_zero() {
             c.error(format!("scheduler.{name}"), "must be greater than zero");
         }
+    }
+}
+
+fn check_state(cfg: &Config, c: &mut Checker<'_>) {
+    let s = &cfg.state;
+    if s.lease_ttl < std::time::Duration::from_millis(300) {
+        c.error("state.lease_ttl", "must be at least 300ms");
+    }
+    if s.redis_prefix.is_empty() || s.redis_prefix.contains(char::is_whitespace) {
+        c.error("state.redis_prefix", "must be a non-empty word");
+    }
+    if !s.redis_url.starts_with("redis://") {
+        c.error("state.redis_url", "must start with redis:// (TLS to Redis is not built in)");
     }
 }
 

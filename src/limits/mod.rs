@@ -90,7 +90,7 @@ impl Limits {
         let scope = format!("key:{}:{what}", key.id);
         // Slots of a key are released when a turn or socket ends; the lease is for a crashed
         // instance of a shared backend.
-        let ttl = Duration::from_secs(30);
+        let ttl = self.state.lease_ttl();
         match self.state.try_acquire(&scope, limit, ttl).await {
             Ok(Some(id)) => Ok(Slot::new(self.state.clone(), scope, id, ttl)),
             Ok(None) => Err(over(
@@ -158,7 +158,9 @@ impl Limits {
                     continue;
                 }
                 let n = periods::spend_name(key, p, now);
-                if let Err(e) = self.state.counter_add(&n, micro, p.keep()).await {
+                // A shared counter that exists already holds this spend (charged when it was
+                // made, or seeded by an instance that started earlier).
+                if let Err(e) = self.state.counter_seed(&n, micro, p.keep()).await {
                     tracing::warn!(error = %e, key = %key, "spend not seeded");
                 }
             }

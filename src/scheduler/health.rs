@@ -104,6 +104,8 @@ pub struct Health {
     accounts: Mutex<HashMap<String, Account>>,
     /// Where an automatic disable goes (UP-8): the operators' overrides, and their store.
     overrides: Option<(std::sync::Arc<Registry>, std::sync::Arc<dyn StateStore>)>,
+    /// The shared open periods already applied here or published from here (SC-7).
+    pub(super) seen: Mutex<HashMap<String, String>>,
 }
 
 /// A turn's hold on its account: counted in flight until dropped; a half-open probe until it
@@ -291,6 +293,39 @@ impl Health {
             metrics::counter!(metric::BREAKER_OPENED, "account" => account.to_string())
                 .increment(1);
             set_gauge(account, 1.0);
+            drop(all);
+            self.publish(account, super::shared::Kind::Breaker, s.cooldown);
+        }
+    }
+
+    /// Tells other instances that `account` is out for `wait` (SC-7), on a shared store.
+    fn publish(&self, account: &str, kind: super::shared::Kind, wait: Duration) {
+        if let Some((_, store)) = self.overrides.as_ref().filter(|(_, s)| s.shared()) {
+            super::shared::publish(self, store.clone(), account, kind, wait);
+        }
+    }
+
+    /// Another instance opened `account`'s breaker for `left` more: it is out here too, then
+    /// half-open as if opened here.
+    pub(super) fn opened_elsewhere(&self, account: &str, left: Duration) {
+        let mut all = self.accounts.lock();
+        let a = all.entry(account.to_string()).or_default();
+        let until = Instant::now() + left;
+        if matches!(a.breaker, Breaker::Open { until: mine } if mine >= until) {
+            return;
+        }
+        tracing::warn!(account, cooldown = ?left, "breaker opened by another instance");
+        a.breaker = Breaker::Open { until };
+        set_gauge(account, 1.0);
+    }
+
+    /// Another instance was told 429 for `account`: it cools down here too.
+    pub(super) fn cooled_elsewhere(&self, account: &str, left: Duration) {
+        let mut all = self.accounts.lock();
+        let a = all.entry(account.to_string()).or_default();
+        let until = Instant::now() + left;
+        if a.cooldown_until.is_none_or(|mine| mine < until) {
+            a.cooldown_until = Some(until);
         }
     }
 
@@ -302,6 +337,8 @@ impl Health {
         let mut all = self.accounts.lock();
         let a = all.entry(account.to_string()).or_default();
         a.cooldown_until = Some(Instant::now() + wait);
+        drop(all);
+        self.publish(account, super::shared::Kind::Cooldown, wait);
     }
 
     /// For the admin API.

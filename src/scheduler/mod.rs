@@ -6,6 +6,7 @@
 
 pub mod balance;
 pub mod health;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,12 +24,28 @@ use health::{Health, Load, Ticket};
 #[derive(Default)]
 pub struct Registry {
     overrides: RwLock<HashMap<String, Override>>,
+    /// Bumped by every change made here, so a copy read from a shared store meanwhile does not
+    /// undo it.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
     pub fn new(overrides: HashMap<String, Override>) -> Registry {
         Registry {
             overrides: RwLock::new(overrides),
+            version: Default::default(),
+        }
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes `all` (read from the store) unless a change was made here since `version`.
+    pub fn replace_since(&self, version: u64, all: HashMap<String, Override>) {
+        let mut held = self.overrides.write();
+        if self.version() == version && *held != all {
+            *held = all;
         }
     }
 
@@ -38,6 +55,8 @@ impl Registry {
 
     pub fn set(&self, account: &str, o: Override) {
         let mut all = self.overrides.write();
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if o.is_empty() {
             all.remove(account);
         } else {

@@ -43,7 +43,7 @@ pub struct App {
     pub pool: Arc<Pool>,
     pub budget: Arc<TranscriptBudget>,
     pub usage: Arc<Recorder>,
-    /// Shared state (SC-7); the `memory` backend until Redis arrives.
+    /// Shared state (SC-7): `memory`, or Redis with this process's memory behind it.
     pub state: Arc<dyn StateStore>,
     /// The operators' account overrides as turns read them (TM-3).
     pub registry: Arc<crate::scheduler::Registry>,
@@ -129,6 +129,23 @@ async fn spawn_admin(app: &Arc<App>) -> anyhow::Result<Option<SocketAddr>> {
     });
     tracing::info!(listen = %addr, "admin API listening");
     Ok(Some(addr))
+}
+
+/// The `state.backend` in force: this process's memory, or Redis with that memory behind it.
+fn state_store(
+    cfg: &crate::config::StateConfig,
+    memory: Arc<MemoryStore>,
+) -> anyhow::Result<Arc<dyn StateStore>> {
+    use crate::state::{fallback::FallbackStore, redis::RedisStore};
+    Ok(match cfg.backend {
+        crate::config::StateBackend::Memory => memory,
+        crate::config::StateBackend::Redis => {
+            let redis = RedisStore::new(&cfg.redis_url, &cfg.redis_prefix, cfg.lease_ttl)
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(prefix = %cfg.redis_prefix, "shared state in redis");
+            Arc::new(FallbackStore::new(redis, memory))
+        }
+    })
 }
 
 /// Binds `cfg.listen` and serves in a background task.
@@ -221,9 +238,9 @@ impl App {
         };
         let prices = Prices::new(cfg.usage.prices.clone()).map_err(anyhow::Error::msg)?;
         let usage = Recorder::open(&cfg.store.path, prices).map_err(anyhow::Error::msg)?;
-        let memory = MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?;
+        let memory = Arc::new(MemoryStore::persistent(usage.store()).map_err(anyhow::Error::msg)?);
         let registry = Arc::new(crate::scheduler::Registry::new(memory.overrides_now()));
-        let state: Arc<dyn StateStore> = Arc::new(memory);
+        let state = state_store(&cfg.state, memory)?;
         let health = Arc::new(crate::scheduler::health::Health::new(
             registry.clone(),
             state.clone(),
@@ -267,7 +284,28 @@ impl App {
         });
         app.seed_spend();
         app.start_http_reaper();
+        app.start_shared_sync();
         Ok(app)
+    }
+
+    /// SC-7: on a shared store, the other instances' overrides, breakers and cooldowns are read
+    /// back until shutdown.
+    fn start_shared_sync(self: &Arc<Self>) {
+        if !self.state.shared() {
+            return;
+        }
+        let app = Arc::downgrade(self);
+        let accounts = move || {
+            app.upgrade()
+                .map(|a| a.cfg().accounts.iter().map(|a| a.id.clone()).collect())
+                .unwrap_or_default()
+        };
+        tokio::spawn(crate::scheduler::shared::run(
+            self.scheduler.clone(),
+            self.state.clone(),
+            accounts,
+            self.shutdown.clone(),
+        ));
     }
 
     /// SC-6: the spend budgets count what the store has recorded this UTC day and month, so a

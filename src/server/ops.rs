@@ -15,8 +15,14 @@ pub async fn healthz() -> &'static str {
 }
 
 /// The config is loaded and the listener is up (the router exists only after both).
-pub async fn readyz() -> &'static str {
-    "ready\n"
+/// 200 while serving; its body says `degraded` while shared state is unreachable (SC-7), since
+/// the instance still serves then, with limits of its own.
+pub async fn readyz(State(app): State<Arc<App>>) -> &'static str {
+    if app.state.degraded() {
+        "ready degraded: redis unreachable, limits and bindings are this instance's own\n"
+    } else {
+        "ready\n"
+    }
 }
 
 /// Every registered series in the Prometheus text format. The live counts of what a session

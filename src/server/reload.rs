@@ -37,6 +37,11 @@ impl App {
             ("listen", old.listen != new.listen),
             ("admin.listen", old.admin.listen != new.admin.listen),
             ("store.path", old.store.path != new.store.path),
+            ("state", {
+                let (a, b) = (&old.state, &new.state);
+                (a.backend, &a.redis_url, &a.redis_prefix, a.lease_ttl)
+                    != (b.backend, &b.redis_url, &b.redis_prefix, b.lease_ttl)
+            }),
         ] {
             if changed {
                 tracing::warn!(

@@ -25,22 +25,20 @@ pub(super) struct Admitted {
     pub http: Option<(crate::upstream::http::HttpTurn, usize)>,
 }
 
-/// How long a turn slot is held at most without renewal (matters for shared backends only).
-const SLOT_TTL: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl Session {
     /// Admits the running turn on `account`: a slot now if one is free, else in the
     /// background; then the held context (`reuse`) or a leased one.
     pub(super) async fn admit(&mut self, account: AccountConfig, reuse: bool) -> Step {
         let scope = state::account_scope(&account.id);
+        let ttl = self.p.state.lease_ttl();
         let now = self
             .p
             .state
-            .try_acquire(&scope, account.concurrency, SLOT_TTL)
+            .try_acquire(&scope, account.concurrency, ttl)
             .await;
         match now {
             Ok(Some(id)) => {
-                let slot = Slot::new(self.p.state.clone(), scope, id, SLOT_TTL);
+                let slot = Slot::new(self.p.state.clone(), scope, id, ttl);
                 if let Some(turn) = self.turn.as_mut() {
                     turn.slot = Some(slot);
                 }
@@ -179,7 +177,7 @@ async fn wait_slot(
     account: &AccountConfig,
     deadline: Instant,
 ) -> Result<Slot, RelayError> {
-    match state::acquire(store, scope, account.concurrency, SLOT_TTL, deadline).await {
+    match state::acquire(store, scope, account.concurrency, store.lease_ttl(), deadline).await {
         Ok(Some(slot)) => Ok(slot),
         Ok(None) => Err(no_capacity(account)),
         Err(e) => Err(

@@ -255,4 +255,20 @@ impl StateStore for MemoryStore {
         };
         futures::future::ready(Ok(total)).boxed()
     }
+
+    fn counter_seed<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>> {
+        let now = Instant::now();
+        let mut all = self.counters.lock();
+        all.retain(|_, (_, until)| *until > now);
+        let new = !all.contains_key(name);
+        if new {
+            all.insert(name.to_string(), (amount, now + ttl));
+        }
+        futures::future::ready(Ok(new)).boxed()
+    }
 }

@@ -4,9 +4,10 @@
 //!
 //! It holds concurrency slots (per-account turn slots, SC-3; per-key turns and sockets, SC-6),
 //! the bindings of stored responses to their accounts (SC-2), sliding windows and counters for
-//! per-key rates and spend (SC-6), and the operators' overrides (TM-3). The breaker lives in
-//! the scheduler's memory until the Redis backend shares it.
+//! per-key rates and spend (SC-6), the operators' overrides (TM-3), and the breakers' open
+//! periods that instances tell each other (SC-5).
 
+pub mod fallback;
 mod memory;
 pub mod overrides;
 pub mod redis;
@@ -59,6 +60,23 @@ pub trait StateStore: Send + Sync + 'static {
         false
     }
 
+    /// How long a slot lease lasts unless renewed (`state.lease_ttl`).
+    fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+
+    /// Whether other relay instances share this state, so what they change must be read back
+    /// (overrides, breakers) rather than known.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Whether the shared backend is unreachable and this instance serves from its own memory
+    /// (SC-7).
+    fn degraded(&self) -> bool {
+        false
+    }
+
     /// Slots of `scope` held now.
     fn held<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<usize, StateError>>;
 
@@ -95,6 +113,15 @@ pub trait StateStore: Send + Sync + 'static {
         amount: u64,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<u64, StateError>>;
+
+    /// Sets counter `name` to `amount` (kept `ttl`) unless it exists; true when it was set. Seeds
+    /// a counter from what this instance recorded, without adding it twice to a shared one.
+    fn counter_seed<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>>;
 
     /// Every account override (TM-3).
     fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>>;
@@ -159,10 +186,8 @@ async fn renew(store: Arc<dyn StateStore>, scope: String, id: SlotId, ttl: Durat
         tokio::time::sleep(every).await;
         match store.renew(&scope, id, ttl).await {
             Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(scope, slot = id, "slot lease ran out before its renewal");
-                return;
-            }
+            // Written again by the renewal: the turn still holds it.
+            Ok(false) => tracing::warn!(scope, slot = id, "slot lease had run out; taken again"),
             // Tried again at the next tick; the lease may still be alive.
             Err(e) => tracing::warn!(scope, error = %e, "slot lease not renewed"),
         }

@@ -21,21 +21,22 @@ use super::{SlotId, StateError, StateStore, WindowVerdict};
 /// Server time in ms, for the scripts.
 const NOW: &str = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)";
 
-/// KEYS: scope, sequence. ARGV: ttl ms, limit. Returns the slot id, or 0 when all are taken.
+/// KEYS: scope. ARGV: ttl ms, limit, slot id. Returns 1 when the slot is taken, 0 when all are.
 const ACQUIRE: &str = "
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-local id = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
-return id";
+return 1";
 
-/// KEYS: scope. ARGV: slot id, ttl ms. Returns 1 when the lease was still held and is extended.
+/// KEYS: scope. ARGV: slot id, ttl ms. Extends the lease, writing it again when it was gone
+/// (run out during a pause, or lost with a Redis restart: the turn holding it is still running,
+/// so the count must include it). Returns 1 when the lease was still there.
 const RENEW: &str = "
 local exp = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not exp or tonumber(exp) <= now then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+if not exp or tonumber(exp) <= now then return 0 end
 return 1";
 
 /// KEYS: scope. Returns the slots held now.
@@ -71,8 +72,10 @@ end
 return {1, total + amount, 0}";
 
 /// Shared state in Redis.
+#[derive(Clone)]
 pub struct RedisStore {
     pool: Pool,
+    lease_ttl: Duration,
     /// Every key starts with it, so several deployments (or tests) can share one Redis.
     prefix: String,
     acquire: Script,
@@ -84,19 +87,30 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on `url` (e.g. `redis://127.0.0.1:6379`) whose keys start with `prefix:`. No
     /// connection is made yet: an unreachable Redis shows up as errors of the calls.
-    pub fn new(url: &str, prefix: &str) -> Result<RedisStore, StateError> {
+    pub fn new(url: &str, prefix: &str, lease_ttl: Duration) -> Result<RedisStore, StateError> {
         let pool = Config::from_url(url)
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| StateError(format!("redis pool for {url}: {e}")))?;
         let script = |body: &str| Script::new(&format!("{NOW}\n{body}"));
         Ok(RedisStore {
             pool,
+            lease_ttl,
             prefix: prefix.to_string(),
             acquire: script(ACQUIRE),
             renew: script(RENEW),
             held: script(HELD),
             window: script(WINDOW),
         })
+    }
+
+    /// Whether Redis answers (`PING`).
+    pub async fn ping(&self) -> Result<(), StateError> {
+        let mut c = self.conn().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
+            .map_err(redis_err)
     }
 
     fn key(&self, name: &str) -> String {
@@ -128,16 +142,19 @@ impl StateStore for RedisStore {
     ) -> BoxFuture<'a, Result<Option<SlotId>, StateError>> {
         async move {
             let mut c = self.conn().await?;
-            let id: u64 = self
+            // Random, so ids stay unique across instances and Redis restarts; above 2^32, so
+            // they never meet the `memory` backend's counted ids (see `fallback`).
+            let id: SlotId = rand::random_range(1u64 << 32..1u64 << 52);
+            let taken: u64 = self
                 .acquire
                 .key(self.key(&format!("slots:{scope}")))
-                .key(self.key("slots:seq"))
                 .arg(ms(ttl))
                 .arg(limit)
+                .arg(id)
                 .invoke_async(&mut c)
                 .await
                 .map_err(redis_err)?;
-            Ok((id > 0).then_some(id))
+            Ok((taken == 1).then_some(id))
         }
         .boxed()
     }
@@ -181,6 +198,14 @@ impl StateStore for RedisStore {
     }
 
     fn leases_expire(&self) -> bool {
+        true
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    fn shared(&self) -> bool {
         true
     }
 
@@ -276,6 +301,26 @@ impl StateStore for RedisStore {
                 .await
                 .map_err(redis_err)?;
             Ok(total)
+        }
+        .boxed()
+    }
+
+    fn counter_seed<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>> {
+        async move {
+            let mut c = self.conn().await?;
+            let opts = redis::SetOptions::default()
+                .conditional_set(redis::ExistenceCheck::NX)
+                .with_expiration(redis::SetExpiry::PX(ms(ttl)));
+            let set: Option<String> = c
+                .set_options(self.key(&format!("count:{name}")), amount, opts)
+                .await
+                .map_err(redis_err)?;
+            Ok(set.is_some())
         }
         .boxed()
     }

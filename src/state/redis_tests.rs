@@ -11,7 +11,7 @@ use crate::state;
 const URL: &str = "redis://127.0.0.1:6379";
 
 fn store(prefix: &str) -> Arc<dyn StateStore> {
-    Arc::new(RedisStore::new(URL, prefix).expect("redis store"))
+    Arc::new(RedisStore::new(URL, prefix, Duration::from_secs(30)).expect("redis store"))
 }
 
 fn prefix(test: &str) -> String {
@@ -159,5 +159,28 @@ async fn sc7_an_unreachable_redis_is_an_error_not_a_hang() {
 }
 
 fn store_at(url: &str, prefix: &str) -> Arc<dyn StateStore> {
-    Arc::new(RedisStore::new(url, prefix).expect("store"))
+    Arc::new(RedisStore::new(url, prefix, Duration::from_secs(30)).expect("store"))
+}
+
+#[tokio::test]
+async fn sc7_seeding_only_sets_a_new_counter_and_a_renewal_writes_a_lost_lease_again() {
+    let p = prefix("seed");
+    let (a, b) = (store(&p), store(&p));
+    let ttl = Duration::from_secs(60);
+    assert!(a.counter_seed("spend", 40, ttl).await.unwrap(), "new");
+    assert!(!b.counter_seed("spend", 40, ttl).await.unwrap(), "exists");
+    assert_eq!(b.counter_add("spend", 2, ttl).await.unwrap(), 42);
+    // A lease lost (as with a Redis restart) is written again by its holder's renewal.
+    let id = a.try_acquire("s", 1, ttl).await.unwrap().expect("slot");
+    let raw = RedisStore::new(URL, &p, ttl).unwrap();
+    let mut c = raw.conn().await.unwrap();
+    redis::cmd("DEL")
+        .arg(format!("{p}:slots:s"))
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(b.held("s").await.unwrap(), 0, "lost");
+    assert!(!a.renew("s", id, ttl).await.unwrap(), "it had gone");
+    assert_eq!(b.held("s").await.unwrap(), 1, "counted again");
+    assert!(b.try_acquire("s", 1, ttl).await.unwrap().is_none());
 }

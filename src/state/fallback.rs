@@ -1,0 +1,337 @@
+//! The `redis` backend as the relay runs it (SC-7): Redis while it answers, this instance's
+//! memory while it does not. An outage costs one failed call (refused at once, or cut at
+//! [`OP_TIMEOUT`]); from then on every call goes to memory without waiting on Redis, a probe
+//! pings it every [`PROBE_EVERY`], and the first answer switches back.
+//!
+//! What was written to memory during the outage and matters after it is carried over on the
+//! way back: operators' overrides, and spend charged to counters. Slots taken from memory stay
+//! there until released (their turns end soon); bindings made meanwhile are found by this
+//! instance only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use parking_lot::Mutex;
+
+use super::overrides::Override;
+use super::redis::RedisStore;
+use super::{MemoryStore, SlotId, StateError, StateStore, WindowVerdict};
+use crate::telemetry::metric;
+
+/// A Redis call that takes longer counts as an outage.
+const OP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often an unreachable Redis is tried again.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Slot ids from Redis are at least this (see `RedisStore`); smaller ones came from memory.
+const REDIS_IDS: SlotId = 1 << 32;
+
+/// Redis with this instance's memory behind it.
+pub struct FallbackStore {
+    redis: RedisStore,
+    memory: Arc<MemoryStore>,
+    link: Arc<Link>,
+}
+
+/// Whether Redis answers, and what to hand over when it does again.
+struct Link {
+    up: AtomicBool,
+    wake_probe: tokio::sync::Notify,
+    /// Overrides set during the outage, written to Redis before it is used again.
+    overrides: Mutex<HashMap<String, Override>>,
+    /// Counter amounts added during the outage, added to Redis's on the way back.
+    counters: Mutex<HashMap<String, (u64, Duration)>>,
+}
+
+impl FallbackStore {
+    /// Starts on Redis (the first failed call says otherwise) with the probe task running.
+    pub fn new(redis: RedisStore, memory: Arc<MemoryStore>) -> FallbackStore {
+        let link = Arc::new(Link {
+            up: AtomicBool::new(true),
+            wake_probe: tokio::sync::Notify::new(),
+            overrides: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
+        });
+        metrics::gauge!(metric::STATE_DEGRADED).set(0.0);
+        tokio::spawn(probe(Arc::downgrade(&link), redis.clone()));
+        FallbackStore {
+            redis,
+            memory,
+            link,
+        }
+    }
+
+    fn up(&self) -> bool {
+        self.link.up.load(Ordering::Acquire)
+    }
+
+    /// Runs `call` on Redis while it is up; on an error or a timeout, marks it down and
+    /// answers `None` so the caller uses memory.
+    async fn on_redis<T>(
+        &self,
+        what: &str,
+        call: BoxFuture<'_, Result<T, StateError>>,
+    ) -> Option<T> {
+        if !self.up() {
+            return None;
+        }
+        let e = match tokio::time::timeout(OP_TIMEOUT, call).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(e)) => e.0,
+            Err(_) => format!("no answer within {OP_TIMEOUT:?}"),
+        };
+        self.went_down(what, &e);
+        None
+    }
+
+    fn went_down(&self, what: &str, error: &str) {
+        if self.link.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                during = what,
+                error,
+                "redis unreachable: limits and bindings fall back to this instance's memory"
+            );
+            metrics::gauge!(metric::STATE_DEGRADED).set(1.0);
+            metrics::counter!(metric::STATE_OUTAGES).increment(1);
+            self.link.wake_probe.notify_one();
+        }
+    }
+}
+
+/// Pings Redis while it is down; when it answers, hands over what the outage left in memory
+/// and switches back. Ends with the store.
+async fn probe(link: Weak<Link>, redis: RedisStore) {
+    loop {
+        let Some(l) = link.upgrade() else { return };
+        if l.up.load(Ordering::Acquire) {
+            // Re-checked now and then, so the task sees the store go away.
+            let _ = tokio::time::timeout(Duration::from_secs(5), l.wake_probe.notified()).await;
+            continue;
+        }
+        drop(l);
+        tokio::time::sleep(PROBE_EVERY).await;
+        if tokio::time::timeout(OP_TIMEOUT, redis.ping()).await.is_ok_and(|r| r.is_ok()) {
+            let Some(l) = link.upgrade() else { return };
+            if hand_over(&l, &redis).await {
+                l.up.store(true, Ordering::Release);
+                metrics::gauge!(metric::STATE_DEGRADED).set(0.0);
+                tracing::info!("redis answers again: shared state restored");
+            }
+        }
+    }
+}
+
+/// Writes the outage's overrides and counter amounts to Redis; false (to try again at the next
+/// probe) when it fails half-way. What was written is not written twice.
+async fn hand_over(link: &Link, redis: &RedisStore) -> bool {
+    let overrides: Vec<_> = link.overrides.lock().drain().collect();
+    for (i, (account, o)) in overrides.iter().enumerate() {
+        if redis.set_override(account, o.clone()).await.is_err() {
+            link.overrides.lock().extend(overrides[i..].iter().cloned());
+            return false;
+        }
+    }
+    let counters: Vec<_> = link.counters.lock().drain().collect();
+    for (i, (name, (amount, ttl))) in counters.iter().enumerate() {
+        if redis.counter_add(name, *amount, *ttl).await.is_err() {
+            let mut back = link.counters.lock();
+            for (name, (amount, ttl)) in &counters[i..] {
+                back.entry(name.clone()).or_insert((0, *ttl)).0 += amount;
+            }
+            return false;
+        }
+    }
+    true
+}
+
+impl StateStore for FallbackStore {
+    fn try_acquire<'a>(
+        &'a self,
+        scope: &'a str,
+        limit: usize,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<SlotId>, StateError>> {
+        async move {
+            let call = self.redis.try_acquire(scope, limit, ttl);
+            match self.on_redis("take a slot", call).await {
+                Some(v) => Ok(v),
+                None => self.memory.try_acquire(scope, limit, ttl).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn release(&self, scope: &str, slot: SlotId) {
+        if slot >= REDIS_IDS {
+            // While Redis is down, its lease runs out by itself.
+            if self.up() {
+                self.redis.release(scope, slot);
+            }
+        } else {
+            self.memory.release(scope, slot);
+        }
+    }
+
+    fn renew<'a>(
+        &'a self,
+        scope: &'a str,
+        slot: SlotId,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>> {
+        async move {
+            if slot < REDIS_IDS {
+                return Ok(true);
+            }
+            // After an outage the renewal writes the lease again, so the count includes it.
+            let call = self.redis.renew(scope, slot, ttl);
+            Ok(self.on_redis("renew a slot", call).await.unwrap_or(true))
+        }
+        .boxed()
+    }
+
+    fn leases_expire(&self) -> bool {
+        true
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.redis.lease_ttl()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn degraded(&self) -> bool {
+        !self.up()
+    }
+
+    fn held<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<usize, StateError>> {
+        async move {
+            match self.on_redis("count slots", self.redis.held(scope)).await {
+                Some(n) => Ok(n),
+                None => self.memory.held(scope).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()> {
+        // Releases of memory slots are told; Redis's are found by the waiters' re-checks.
+        self.memory.released(scope)
+    }
+
+    fn bind<'a>(
+        &'a self,
+        name: &'a str,
+        value: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        async move {
+            let call = self.redis.bind(name, value, ttl);
+            match self.on_redis("bind", call).await {
+                Some(()) => Ok(()),
+                None => self.memory.bind(name, value, ttl).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>> {
+        async move {
+            match self.on_redis("read a binding", self.redis.bound(name)).await {
+                Some(Some(v)) => Ok(Some(v)),
+                // Not in Redis: perhaps bound here during an outage.
+                _ => self.memory.bound(name).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn window<'a>(
+        &'a self,
+        name: &'a str,
+        window: Duration,
+        amount: u64,
+        limit: Option<u64>,
+    ) -> BoxFuture<'a, Result<WindowVerdict, StateError>> {
+        async move {
+            let call = self.redis.window(name, window, amount, limit);
+            match self.on_redis("check a rate", call).await {
+                Some(v) => Ok(v),
+                None => self.memory.window(name, window, amount, limit).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn counter_add<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<u64, StateError>> {
+        async move {
+            let call = self.redis.counter_add(name, amount, ttl);
+            if let Some(total) = self.on_redis("add to a counter", call).await {
+                return Ok(total);
+            }
+            if amount > 0 {
+                let mut owed = self.link.counters.lock();
+                let c = owed.entry(name.to_string()).or_insert((0, ttl));
+                *c = (c.0 + amount, ttl);
+            }
+            self.memory.counter_add(name, amount, ttl).await
+        }
+        .boxed()
+    }
+
+    fn counter_seed<'a>(
+        &'a self,
+        name: &'a str,
+        amount: u64,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, StateError>> {
+        async move {
+            let call = self.redis.counter_seed(name, amount, ttl);
+            match self.on_redis("seed a counter", call).await {
+                Some(set) => Ok(set),
+                None => self.memory.counter_seed(name, amount, ttl).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>> {
+        async move {
+            match self.on_redis("read overrides", self.redis.overrides()).await {
+                Some(all) => Ok(all),
+                None => self.memory.overrides().await,
+            }
+        }
+        .boxed()
+    }
+
+    fn set_override<'a>(
+        &'a self,
+        account: &'a str,
+        o: Override,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        async move {
+            // Kept in the embedded store too, for a start while Redis is down.
+            self.memory.set_override(account, o.clone()).await?;
+            let call = self.redis.set_override(account, o.clone());
+            if self.on_redis("store an override", call).await.is_none() {
+                self.link.overrides.lock().insert(account.to_string(), o);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+#[path = "fallback_tests.rs"]
+mod tests;
