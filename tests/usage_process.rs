@@ -5,106 +5,25 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
+use common::process::Proc;
 use common::*;
 use switchyard::usage::store::{Query, Store};
 use switchyard::usage::{Record, Status};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::mpsc;
 
-/// A relay process and the lines it logs.
-struct Proc {
-    child: tokio::process::Child,
-    addr: String,
-    log: mpsc::UnboundedReceiver<String>,
-}
-
-impl Proc {
-    /// Starts `switchyard serve --config` on a config in `dir`, waiting until it listens.
-    async fn start(config: &Path) -> Proc {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn switchyard serve");
-        let (tx, mut log) = mpsc::unbounded_channel();
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let line = wait_line(&mut log, "switchyard listening").await;
-        let at = line.find("127.0.0.1:").expect("listen address in the log");
-        let addr: String = line[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-            .collect();
-        Proc { child, addr, log }
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/v1/responses", self.addr)
-    }
-
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("pid").to_string();
-        let ok = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -{name} {pid}");
-    }
-
-    async fn wait_log(&mut self, needle: &str) -> String {
-        wait_line(&mut self.log, needle).await
-    }
-
-    /// Sends SIGTERM and returns the exit code.
-    async fn terminate(mut self) -> Option<i32> {
-        self.signal("TERM");
-        let status = tokio::time::timeout(HANG_GUARD, self.child.wait())
-            .await
-            .expect("hang guard: exit after SIGTERM")
-            .expect("wait");
-        status.code()
-    }
-
-    /// The relay's flushed-records counter, from `/metrics`.
-    async fn flushed(&self) -> u64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.addr))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body");
-        text.lines()
-            .find(|l| l.starts_with("switchyard_usage_records_flushed_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
-    }
-}
-
-async fn wait_line(log: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
-    tokio::time::timeout(HANG_GUARD, async {
-        loop {
-            let line = log.recv().await.expect("the relay's log ended");
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("hang guard: no log line with {needle:?}"))
+/// The relay's flushed-records counter, from `/metrics`.
+async fn flushed(relay: &Proc) -> u64 {
+    let text = reqwest::get(format!("http://{}/metrics", relay.addr))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find(|l| l.starts_with("switchyard_usage_records_flushed_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// Writes a config for one relay in `dir` in front of `mock_url`; returns its path.
@@ -210,7 +129,7 @@ async fn us1_records_counted_as_flushed_survive_kill_9() {
         read_turn(&mut ws).await;
     }
     tokio::time::timeout(HANG_GUARD, async {
-        while relay.flushed().await < N {
+        while flushed(&relay).await < N {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })

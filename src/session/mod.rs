@@ -147,6 +147,9 @@ struct Session {
     shutting_down: bool,
     /// A reload removed or disabled this session's key: it closes after its running turn.
     revoked: bool,
+    /// A store write the client must not see past (a stored response's binding on a shared
+    /// store, SC-7): awaited before the outbox is flushed.
+    before_flush: Option<futures::future::BoxFuture<'static, ()>>,
 }
 
 /// Runs a session until the client leaves or is closed.
@@ -201,6 +204,7 @@ where
         sticky: None,
         shutting_down: false,
         revoked: false,
+        before_flush: None,
     };
     let mut reloads = s.p.reloads.clone();
     let shutdown = s.p.shutdown.clone();
@@ -218,6 +222,9 @@ where
         if s.turn.is_none() && idle.deadline() != s.idle_at() {
             let at = s.idle_at();
             idle.as_mut().reset(at);
+        }
+        if let Some(write) = s.before_flush.take() {
+            write.await;
         }
         // What the last pass queued goes out now, from this task; what the socket does not take
         // yet is waited for below.

@@ -377,7 +377,7 @@ impl Session {
 
     /// SC-2: a stored (`store:true`) response is bound to its account for
     /// `scheduler.binding_ttl`, so any session of this key can chain from it (CT-3, HS-3).
-    fn bind_stored(&self, o: &Outcome) {
+    fn bind_stored(&mut self, o: &Outcome) {
         let Some(turn) = self.turn.as_ref() else {
             return;
         };
@@ -388,7 +388,9 @@ impl Session {
         let name = crate::state::response_binding(&self.p.key_id, id);
         let (store, account) = (self.p.state.clone(), turn.account_id.clone());
         let ttl = self.p.cfg.scheduler.binding_ttl;
-        crate::state::write_soon(async move {
+        // Bound before the client sees the terminal event, so it can chain from any instance
+        // at once.
+        self.before_flush = crate::state::write_first(async move {
             if let Err(e) = store.bind(&name, &account, ttl).await {
                 tracing::warn!(error = %e, "stored response not bound to its account");
             }

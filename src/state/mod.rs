@@ -239,6 +239,15 @@ pub fn write_soon(work: impl std::future::Future<Output = ()> + Send + 'static) 
     }
 }
 
+/// Runs a write to the store now when the backend answers at once; else answers the rest of
+/// it, for a caller that must not go on before it lands (and awaits it at its next step).
+pub fn write_first(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Option<BoxFuture<'static, ()>> {
+    let mut work = futures::FutureExt::boxed(work);
+    futures::FutureExt::now_or_never(&mut work).is_none().then_some(work)
+}
+
 /// The binding name of a stored response, scoped to the key that created it (WS-9).
 pub fn response_binding(key_id: &str, response_id: &str) -> String {
     format!("resp:{key_id}:{response_id}")

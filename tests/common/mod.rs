@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod multi;
+pub mod process;
+pub mod redis;
 
 use std::time::Duration;
 

@@ -1,0 +1,84 @@
+//! Redis for the shared-state tests: the one `scripts/test.sh` keeps on 127.0.0.1:6379 (each
+//! test on keys of its own prefix), or a `redis-server` of the test's own, on a port of its own,
+//! that the test can stop and start again.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::HANG_GUARD;
+
+/// The Redis every test may use.
+pub const SHARED_URL: &str = "redis://127.0.0.1:6379";
+
+/// A key prefix no other test run uses.
+pub fn prefix(test: &str) -> String {
+    format!("sy-it:{test}:{}", hex::encode(rand::random::<[u8; 6]>()))
+}
+
+/// A `redis-server` child without persistence: a restart starts empty, like a lost Redis.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts one on a free port.
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut r = RedisServer { port, child: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL: nothing is saved) and waits until its port refuses.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and waits until it answers `PING`.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let start = std::time::Instant::now();
+        while !self.answers() {
+            assert!(start.elapsed() < HANG_GUARD, "hang guard: redis-server never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut buf = [0u8; 7];
+        c.write_all(b"PING\r\n").is_ok()
+            && c.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
