@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::process::Proc;
-use common::redis::{prefix, RedisServer, SHARED_URL};
+use common::redis::{prefix, slow_proxy, RedisServer, SHARED_URL};
 use common::*;
 use serde_json::{json, Value};
 use switchyard::mock::{MockOptions, MockUpstream};
@@ -247,24 +247,28 @@ async fn sc7_a_stored_response_from_one_instance_chains_on_the_other_on_its_acco
         account("a", &ma, "    priority: 1\n"),
         account("b", &mb, "    priority: 0\n")
     );
+    // `one` reaches Redis over a slow link: its binding must still be there before its client
+    // can chain from `two`.
+    let slow = slow_proxy(6379, Duration::from_millis(300)).await;
     let (one, two) = (
-        instance(SHARED_URL, &p, "", &first).await,
+        instance(&format!("redis://127.0.0.1:{slow}"), &p, "", &first).await,
         instance(SHARED_URL, &p, "", &reversed).await,
     );
-    let mut ws = one.test_key().await;
-    let mut req = create("gpt-test", "remember this");
-    req["store"] = json!(true);
-    send(&mut ws, &req).await;
-    let made = read_turn(&mut ws).await;
-    assert!(completed(&made));
-    let id = response_id(&made);
-    // Right away, from a new socket on the other instance.
-    let mut ws2 = two.test_key().await;
-    let mut next = create("gpt-test", "and now?");
-    next["previous_response_id"] = json!(id);
-    next["store"] = json!(true);
-    send(&mut ws2, &next).await;
-    assert!(completed(&read_turn(&mut ws2).await));
+    let (mut ws, mut id) = (one.test_key().await, String::new());
+    for round in 0..3 {
+        let mut req = create("gpt-test", &format!("remember {round}"));
+        req["store"] = json!(true);
+        send(&mut ws, &req).await;
+        let made = read_turn(&mut ws).await;
+        assert!(completed(&made));
+        id = response_id(&made);
+        let mut ws2 = two.test_key().await;
+        let mut next = create("gpt-test", "and now?");
+        next["previous_response_id"] = json!(id);
+        send(&mut ws2, &next).await;
+        let chained = read_turn(&mut ws2).await;
+        assert!(completed(&chained), "round {round}: {chained:?}");
+    }
     let (status, body) = two
         .post(
             "/v1/responses",
@@ -273,9 +277,9 @@ async fn sc7_a_stored_response_from_one_instance_chains_on_the_other_on_its_acco
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(ma.log().requests.len(), 3, "all three on a");
+    assert_eq!(ma.log().requests.len(), 7, "all on a");
     assert!(mb.log().requests.is_empty(), "b never asked");
-    let chained = &ma.log().requests[1];
+    let chained = &ma.log().requests[5];
     assert_eq!(chained.body["previous_response_id"], json!(id));
     // Another instance's unbound id is still unknown.
     let mut ws3 = two.test_key().await;
@@ -424,9 +428,11 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
     assert!(metrics.contains("switchyard_state_degraded 1"), "{metrics}");
     // `b` counts its own now: `a`'s turn is not in its memory.
     assert!(completed(&turn(&mut b.lim().await, "own limits").await));
-    // An operator's change during the outage.
+    // An operator's change and a priced turn during the outage.
     let (status, _) = a.post("/admin/v1/accounts/spare/disable", TOKEN, &json!({})).await;
     assert_eq!(status, 200);
+    send(&mut wa, &create("gpt-5", "[[mock:text 30]]")).await;
+    assert!(completed(&read_turn(&mut wa).await));
 
     redis.restart();
     tokio::time::timeout(HANG_GUARD, async {
@@ -453,6 +459,14 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
     .await
     .expect("hang guard: the outage's override never reached the other instance");
     assert_eq!(a.account("spare").await["enabled"], false);
+    // The spend charged during the outage was added to the shared counter on the way back.
+    let name = switchyard::limits::periods::spend_name(
+        "test",
+        switchyard::limits::periods::Period::Day,
+        switchyard::limits::periods::now_utc(),
+    );
+    let shared = b.relay.app.state.counter_add(&name, 0, Duration::from_secs(60));
+    assert!(shared.await.unwrap() > 0, "the outage's spend is shared");
     drop(held);
     until_admitted(&b).await;
 }
