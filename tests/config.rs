@@ -93,6 +93,16 @@ fn example_config_matches_the_defaults() {
         )
     );
     assert_eq!(cfg.store.path, defaults.store.path);
+    let (st, dst) = (&cfg.state, &defaults.state);
+    assert_eq!(
+        (st.backend, &st.redis_url, &st.redis_prefix, st.lease_ttl),
+        (
+            dst.backend,
+            &dst.redis_url,
+            &dst.redis_prefix,
+            dst.lease_ttl
+        )
+    );
     let (sc, dsc) = (&cfg.scheduler, &defaults.scheduler);
     assert_eq!(
         (

@@ -46,7 +46,13 @@ async fn instance_with(
     let dir = tempfile::tempdir().expect("dir");
     let store = dir.path().join("state.db");
     let yaml = extra.to_string()
-        + &config(redis_url, prefix, limits, accounts, &store.display().to_string());
+        + &config(
+            redis_url,
+            prefix,
+            limits,
+            accounts,
+            &store.display().to_string(),
+        );
     let cfg = switchyard::config::Config::from_yaml_str(&yaml).expect("config");
     let relay = switchyard::server::spawn(cfg).await.expect("relay");
     Instance { relay, _dir: dir }
@@ -174,7 +180,11 @@ async fn sc7_two_instances_enforce_one_keys_concurrency_rpm_and_budget_together(
     let mut other = b.lim().await;
     assert!(limited(&turn(&mut other, "meanwhile").await));
     let (status, _) = b
-        .post("/v1/responses", LIM, &json!({"model": "gpt-test", "input": "x"}))
+        .post(
+            "/v1/responses",
+            LIM,
+            &json!({"model": "gpt-test", "input": "x"}),
+        )
         .await;
     assert_eq!(status, 429);
     drop(held);
@@ -191,7 +201,11 @@ async fn sc7_two_instances_enforce_one_keys_concurrency_rpm_and_budget_together(
     assert!(completed(&turn(&mut wa, "1").await));
     assert!(completed(&turn(&mut wb, "2").await));
     let (status, _) = a
-        .post("/v1/responses", LIM, &json!({"model": "gpt-test", "input": "3"}))
+        .post(
+            "/v1/responses",
+            LIM,
+            &json!({"model": "gpt-test", "input": "3"}),
+        )
         .await;
     assert_eq!(status, 200);
     assert!(limited(&turn(&mut wb, "4").await));
@@ -216,7 +230,12 @@ async fn sc7_two_instances_enforce_one_keys_concurrency_rpm_and_budget_together(
     );
     let state = b.relay.app.state.clone();
     tokio::time::timeout(HANG_GUARD, async {
-        while state.counter_add(&name, 0, Duration::from_secs(60)).await.unwrap() == 0 {
+        while state
+            .counter_add(&name, 0, Duration::from_secs(60))
+            .await
+            .unwrap()
+            == 0
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -226,7 +245,11 @@ async fn sc7_two_instances_enforce_one_keys_concurrency_rpm_and_budget_together(
     send(&mut wb, &create("gpt-5", "more")).await;
     assert!(limited(&read_turn(&mut wb).await), "b refuses on a's spend");
     let (status, _) = b
-        .post("/v1/responses", LIM, &json!({"model": "gpt-5", "input": "x"}))
+        .post(
+            "/v1/responses",
+            LIM,
+            &json!({"model": "gpt-5", "input": "x"}),
+        )
         .await;
     assert_eq!(status, 429);
 }
@@ -328,7 +351,9 @@ async fn sc7_breakers_and_overrides_are_shared() {
     assert_eq!(ma.log().refused_upgrades, refused, "two never dialed a");
     // An operator disables `b` through `one`; `two` stops using it.
     ma.set_outage(None);
-    let (status, _) = one.post("/admin/v1/accounts/b/disable", TOKEN, &json!({})).await;
+    let (status, _) = one
+        .post("/admin/v1/accounts/b/disable", TOKEN, &json!({}))
+        .await;
     assert_eq!(status, 200);
     tokio::time::timeout(HANG_GUARD, async {
         while two.account("b").await["enabled"] != false {
@@ -364,13 +389,22 @@ async fn sc7_kill_9_of_an_instance_frees_its_slots_within_the_lease_ttl() {
     // Every lease ends at most lease_ttl after Redis's now.
     let (expiries, now) = leases(&p, "key:lim:turns").await;
     assert_eq!(expiries.len(), 1);
-    assert!(expiries.iter().all(|e| *e <= now + 2_000), "{expiries:?} vs {now}");
+    assert!(
+        expiries.iter().all(|e| *e <= now + 2_000),
+        "{expiries:?} vs {now}"
+    );
     crashing.child.kill().await.expect("kill -9");
     let killed = std::time::Instant::now();
     until_admitted(&survivor).await;
-    eprintln!("admitted again {:?} after kill -9 (lease_ttl 2s)", killed.elapsed());
+    eprintln!(
+        "admitted again {:?} after kill -9 (lease_ttl 2s)",
+        killed.elapsed()
+    );
     let (expiries, _) = leases(&p, "key:lim:turns").await;
-    assert!(expiries.is_empty(), "the crashed lease is gone: {expiries:?}");
+    assert!(
+        expiries.is_empty(),
+        "the crashed lease is gone: {expiries:?}"
+    );
     drop(held);
 }
 
@@ -382,7 +416,10 @@ async fn leases(prefix: &str, scope: &str) -> (Vec<u64>, u64) {
         .await
         .expect("redis");
     let key = format!("{prefix}:slots:{scope}");
-    let now: (u64, u64) = deadpool_redis::redis::cmd("TIME").query_async(&mut c).await.expect("TIME");
+    let now: (u64, u64) = deadpool_redis::redis::cmd("TIME")
+        .query_async(&mut c)
+        .await
+        .expect("TIME");
     let now_ms = now.0 * 1000 + now.1 / 1000;
     let all: Vec<(String, f64)> = deadpool_redis::redis::cmd("ZRANGE")
         .arg(&key)
@@ -429,7 +466,9 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
     // `b` counts its own now: `a`'s turn is not in its memory.
     assert!(completed(&turn(&mut b.lim().await, "own limits").await));
     // An operator's change and a priced turn during the outage.
-    let (status, _) = a.post("/admin/v1/accounts/spare/disable", TOKEN, &json!({})).await;
+    let (status, _) = a
+        .post("/admin/v1/accounts/spare/disable", TOKEN, &json!({}))
+        .await;
     assert_eq!(status, 200);
     send(&mut wa, &create("gpt-5", "[[mock:text 30]]")).await;
     assert!(completed(&read_turn(&mut wa).await));
@@ -465,7 +504,11 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
         switchyard::limits::periods::Period::Day,
         switchyard::limits::periods::now_utc(),
     );
-    let shared = b.relay.app.state.counter_add(&name, 0, Duration::from_secs(60));
+    let shared = b
+        .relay
+        .app
+        .state
+        .counter_add(&name, 0, Duration::from_secs(60));
     assert!(shared.await.unwrap() > 0, "the outage's spend is shared");
     drop(held);
     until_admitted(&b).await;

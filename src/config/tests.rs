@@ -520,3 +520,29 @@ fn sc2_sc5_scheduler_keys_and_account_priority_weight() {
     );
     assert!(message_at(&errs, "accounts[0].weight").contains("greater than zero"));
 }
+
+#[test]
+fn sc7_state_keys_and_their_checks() {
+    let cfg = parse(
+        "state: {backend: redis, redis_url: 'redis://10.0.0.5:6380/2', redis_prefix: prod, lease_ttl: 10s}",
+    )
+    .unwrap();
+    let s = &cfg.state;
+    assert_eq!(s.backend, crate::config::StateBackend::Redis);
+    assert_eq!(
+        (s.redis_url.as_str(), s.redis_prefix.as_str()),
+        ("redis://10.0.0.5:6380/2", "prod")
+    );
+    assert_eq!(s.lease_ttl, Duration::from_secs(10));
+    let d = parse("{}").unwrap().state;
+    assert_eq!(d.backend, crate::config::StateBackend::Memory);
+    assert_eq!(d.lease_ttl, Duration::from_secs(30));
+    let errs = errors(
+        "state: {backend: redis, redis_url: 'http://x', redis_prefix: 'a b', lease_ttl: 10ms}",
+    );
+    assert_eq!(errs.len(), 3, "{errs}");
+    assert!(message_at(&errs, "state.redis_url").contains("redis://"));
+    assert!(message_at(&errs, "state.lease_ttl").contains("300ms"));
+    assert!(message_at(&errs, "state.redis_prefix").contains("word"));
+    assert!(!errors("state: {backend: etcd}").is_empty());
+}

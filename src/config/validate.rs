@@ -141,7 +141,10 @@ fn check_state(cfg: &Config, c: &mut Checker<'_>) {
         c.error("state.redis_prefix", "must be a non-empty word");
     }
     if !s.redis_url.starts_with("redis://") {
-        c.error("state.redis_url", "must start with redis:// (TLS to Redis is not built in)");
+        c.error(
+            "state.redis_url",
+            "must start with redis:// (TLS to Redis is not built in)",
+        );
     }
 }
 

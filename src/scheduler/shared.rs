@@ -37,7 +37,8 @@ pub fn publish(
     kind: Kind,
     wait: Duration,
 ) {
-    let until = crate::usage::now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
+    let until =
+        crate::usage::now_ms().saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX));
     let value = format!("{until}:{:016x}", rand::random::<u64>());
     let name = kind.name(account);
     health.seen.lock().insert(name.clone(), value.clone());
@@ -127,7 +128,11 @@ mod tests {
         sync(&b, store.as_ref(), &accounts).await;
         assert_eq!(b.health.view("x").breaker, "open");
         sync(&a, store.as_ref(), &accounts).await;
-        assert_eq!(a.health.view("x").breaker, "closed", "its own is not re-applied");
+        assert_eq!(
+            a.health.view("x").breaker,
+            "closed",
+            "its own is not re-applied"
+        );
         // A success on `b` closes it there; the same publication does not open it again.
         b.health.success("x", None);
         sync(&b, store.as_ref(), &accounts).await;
@@ -152,7 +157,11 @@ mod tests {
         assert!(!a.registry.enabled("x"));
         let stale = a.registry.version();
         a.registry.set("x", Override::default());
-        a.registry.replace_since(stale, [("x".to_string(), off)].into());
-        assert!(a.registry.enabled("x"), "a change made here wins over an older read");
+        a.registry
+            .replace_since(stale, [("x".to_string(), off)].into());
+        assert!(
+            a.registry.enabled("x"),
+            "a change made here wins over an older read"
+        );
     }
 }

@@ -177,7 +177,15 @@ async fn wait_slot(
     account: &AccountConfig,
     deadline: Instant,
 ) -> Result<Slot, RelayError> {
-    match state::acquire(store, scope, account.concurrency, store.lease_ttl(), deadline).await {
+    match state::acquire(
+        store,
+        scope,
+        account.concurrency,
+        store.lease_ttl(),
+        deadline,
+    )
+    .await
+    {
         Ok(Some(slot)) => Ok(slot),
         Ok(None) => Err(no_capacity(account)),
         Err(e) => Err(

@@ -113,7 +113,10 @@ async fn probe(link: Weak<Link>, redis: RedisStore) {
         }
         drop(l);
         tokio::time::sleep(PROBE_EVERY).await;
-        if tokio::time::timeout(OP_TIMEOUT, redis.ping()).await.is_ok_and(|r| r.is_ok()) {
+        if tokio::time::timeout(OP_TIMEOUT, redis.ping())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
             let Some(l) = link.upgrade() else { return };
             if hand_over(&l, &redis).await {
                 l.up.store(true, Ordering::Release);
@@ -170,6 +173,8 @@ impl StateStore for FallbackStore {
             if self.up() {
                 self.redis.release(scope, slot);
             }
+            // This instance's waiters look again at once; other instances' within `RECHECK`.
+            self.memory.notify_released(scope);
         } else {
             self.memory.release(scope, slot);
         }
@@ -219,7 +224,8 @@ impl StateStore for FallbackStore {
     }
 
     fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()> {
-        // Releases of memory slots are told; Redis's are found by the waiters' re-checks.
+        // Releases made here are told (see `release`); other instances' are found by the
+        // waiters' re-checks.
         self.memory.released(scope)
     }
 
@@ -241,7 +247,10 @@ impl StateStore for FallbackStore {
 
     fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>> {
         async move {
-            match self.on_redis("read a binding", self.redis.bound(name)).await {
+            match self
+                .on_redis("read a binding", self.redis.bound(name))
+                .await
+            {
                 Some(Some(v)) => Ok(Some(v)),
                 // Not in Redis: perhaps bound here during an outage.
                 _ => self.memory.bound(name).await,
@@ -306,7 +315,10 @@ impl StateStore for FallbackStore {
 
     fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>> {
         async move {
-            match self.on_redis("read overrides", self.redis.overrides()).await {
+            match self
+                .on_redis("read overrides", self.redis.overrides())
+                .await
+            {
                 Some(all) => Ok(all),
                 None => self.memory.overrides().await,
             }

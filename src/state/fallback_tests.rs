@@ -9,8 +9,8 @@ use super::*;
 
 fn nowhere() -> Arc<dyn StateStore> {
     // Port 1: refused at once.
-    let redis = RedisStore::new("redis://127.0.0.1:1", "nowhere", Duration::from_secs(30))
-        .expect("store");
+    let redis =
+        RedisStore::new("redis://127.0.0.1:1", "nowhere", Duration::from_secs(30)).expect("store");
     Arc::new(FallbackStore::new(redis, Arc::new(MemoryStore::default())))
 }
 
@@ -27,7 +27,10 @@ async fn sc7_an_unreachable_redis_degrades_to_memory_and_everything_still_works(
         .expect("a slot");
     assert!(s.degraded());
     assert!(first < REDIS_IDS, "a memory slot");
-    assert!(s.try_acquire("x", 1, ttl).await.unwrap().is_none(), "limit kept per instance");
+    assert!(
+        s.try_acquire("x", 1, ttl).await.unwrap().is_none(),
+        "limit kept per instance"
+    );
     assert_eq!(s.held("x").await.unwrap(), 1);
     s.release("x", first);
     assert_eq!(s.held("x").await.unwrap(), 0);

@@ -245,7 +245,9 @@ pub fn write_first(
     work: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Option<BoxFuture<'static, ()>> {
     let mut work = futures::FutureExt::boxed(work);
-    futures::FutureExt::now_or_never(&mut work).is_none().then_some(work)
+    futures::FutureExt::now_or_never(&mut work)
+        .is_none()
+        .then_some(work)
 }
 
 /// The binding name of a stored response, scoped to the key that created it (WS-9).

@@ -75,7 +75,6 @@ impl Proc {
     }
 }
 
-
 pub async fn wait_line(log: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {
     tokio::time::timeout(HANG_GUARD, async {
         loop {
@@ -88,4 +87,3 @@ pub async fn wait_line(log: &mut mpsc::UnboundedReceiver<String>, needle: &str) 
     .await
     .unwrap_or_else(|_| panic!("hang guard: no log line with {needle:?}"))
 }
-

@@ -60,7 +60,10 @@ impl RedisServer {
         self.child = Some(child);
         let start = std::time::Instant::now();
         while !self.answers() {
-            assert!(start.elapsed() < HANG_GUARD, "hang guard: redis-server never answered");
+            assert!(
+                start.elapsed() < HANG_GUARD,
+                "hang guard: redis-server never answered"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -71,9 +74,7 @@ impl RedisServer {
         };
         let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
         let mut buf = [0u8; 7];
-        c.write_all(b"PING\r\n").is_ok()
-            && c.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
+        c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
 }
 
