@@ -8,6 +8,8 @@
 # sessions, unpaced, 2 s). Prints the median per binary of: paced p50, p99 and first-event p50
 # (us), paced relay CPU per 1,000 events (ms), saturation events/s and CPU per 1,000 events.
 # The load generator and the mock are the first binary's. Ports: BENCH_PORT_BASE (default 19300).
+# A binary written `PATH+redis` runs with `state.backend: redis` on BENCH_REDIS_URL (default
+# redis://127.0.0.1:6379), under a prefix of its own per run (SC-7).
 set -euo pipefail
 REPS=$1
 shift
@@ -26,6 +28,7 @@ accounts:
     mode: ctx_pool
     max_conns: 1024
 Y
+REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 "$LG" mock-upstream --listen "127.0.0.1:$BASE" >"$WORK/mock.log" 2>&1 &
 MOCK=$!
 trap 'kill $MOCK 2>/dev/null || true' EXIT
@@ -33,7 +36,14 @@ sleep 0.5
 cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{s += $1} END {print s}'; }
 for _ in $(seq 1 "$REPS"); do
     for bin in "$@"; do
-        "$bin" serve --config "$WORK/relay.yaml" >"$WORK/relay.log" 2>&1 &
+        config="$WORK/relay.yaml"
+        if [[ $bin == *+redis ]]; then
+            config="$WORK/relay-redis.yaml"
+            cp "$WORK/relay.yaml" "$config"
+            printf 'state:\n  backend: redis\n  redis_url: %s\n  redis_prefix: "bench-ab:%s"\n' \
+                "$REDIS_URL" "$RANDOM$RANDOM" >>"$config"
+        fi
+        "${bin%+redis}" serve --config "$config" >"$WORK/relay.log" 2>&1 &
         relay=$!
         sleep 0.5
         for scen in paced sat; do

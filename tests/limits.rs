@@ -72,17 +72,6 @@ fn limited_frame(events: &[Value]) -> u64 {
         .expect("retry-after in the frame")
 }
 
-async fn turn(ws: &mut Ws, text: &str) -> Vec<Value> {
-    send(ws, &create("gpt-test", text)).await;
-    read_turn(ws).await
-}
-
-fn completed(events: &[Value]) -> bool {
-    events
-        .last()
-        .is_some_and(|e| e["type"] == "response.completed")
-}
-
 /// RPM over WS and HTTP: the window's count, a warm-up exempt (CT-5), the socket open after
 /// the refusal, and the request admitted again once the reported `Retry-After` has passed.
 #[tokio::test]

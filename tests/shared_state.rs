@@ -119,17 +119,6 @@ impl Instance {
     }
 }
 
-async fn turn(ws: &mut Ws, text: &str) -> Vec<Value> {
-    send(ws, &create("gpt-test", text)).await;
-    read_turn(ws).await
-}
-
-fn completed(events: &[Value]) -> bool {
-    events
-        .last()
-        .is_some_and(|e| e["type"] == "response.completed")
-}
-
 fn limited(events: &[Value]) -> bool {
     events.last().is_some_and(|e| {
         e["type"] == "error" && e["status"] == 429 && e["error"]["code"] == "rate_limit_exceeded"
@@ -229,18 +218,11 @@ async fn sc7_two_instances_enforce_one_keys_concurrency_rpm_and_budget_together(
         switchyard::limits::periods::now_utc(),
     );
     let state = b.relay.app.state.clone();
-    tokio::time::timeout(HANG_GUARD, async {
-        while state
-            .counter_add(&name, 0, Duration::from_secs(60))
-            .await
-            .unwrap()
-            == 0
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let minute = Duration::from_secs(60);
+    until("the spend reaching redis", || async {
+        state.counter_add(&name, 0, minute).await.unwrap() > 0
     })
-    .await
-    .expect("hang guard: the spend never reached redis");
+    .await;
     let mut wb = b.lim().await;
     send(&mut wb, &create("gpt-5", "more")).await;
     assert!(limited(&read_turn(&mut wb).await), "b refuses on a's spend");
@@ -339,13 +321,10 @@ async fn sc7_breakers_and_overrides_are_shared() {
     let refused = ma.log().refused_upgrades;
     assert_eq!(refused, 1, "one dial opened it");
     // `two` learns it without touching `a`.
-    tokio::time::timeout(HANG_GUARD, async {
-        while two.account("a").await["health"]["breaker"] != "open" {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    until("the breaker reaching the other instance", || async {
+        two.account("a").await["health"]["breaker"] == "open"
     })
-    .await
-    .expect("hang guard: the breaker never reached the other instance");
+    .await;
     let mut ws2 = two.test_key().await;
     assert!(completed(&turn(&mut ws2, "straight to b").await));
     assert_eq!(ma.log().refused_upgrades, refused, "two never dialed a");
@@ -355,13 +334,10 @@ async fn sc7_breakers_and_overrides_are_shared() {
         .post("/admin/v1/accounts/b/disable", TOKEN, &json!({}))
         .await;
     assert_eq!(status, 200);
-    tokio::time::timeout(HANG_GUARD, async {
-        while two.account("b").await["enabled"] != false {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    until("the disable reaching the other instance", || async {
+        two.account("b").await["enabled"] == false
     })
-    .await
-    .expect("hang guard: the disable never reached the other instance");
+    .await;
 }
 
 /// SC-7: `kill -9` of an instance holding slots; its leases (never longer than
@@ -474,13 +450,10 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
     assert!(completed(&read_turn(&mut wa).await));
 
     redis.restart();
-    tokio::time::timeout(HANG_GUARD, async {
-        while a.degraded().await || b.degraded().await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    until("both leaving degraded", || async {
+        !a.degraded().await && !b.degraded().await
     })
-    .await
-    .expect("hang guard: never left degraded");
+    .await;
     // The empty Redis learns of `a`'s running turn at its next renewal: `b` is refused again.
     let mut wb = b.lim().await;
     tokio::time::timeout(HANG_GUARD, async {
@@ -490,13 +463,11 @@ async fn sc7_a_redis_outage_keeps_both_serving_degraded_and_its_return_restores_
     })
     .await
     .expect("hang guard: the running turn's lease never came back");
-    tokio::time::timeout(HANG_GUARD, async {
-        while b.account("spare").await["enabled"] != false {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .expect("hang guard: the outage's override never reached the other instance");
+    until(
+        "the outage's override reaching the other instance",
+        || async { b.account("spare").await["enabled"] == false },
+    )
+    .await;
     assert_eq!(a.account("spare").await["enabled"], false);
     // The spend charged during the outage was added to the shared counter on the way back.
     let name = switchyard::limits::periods::spend_name(

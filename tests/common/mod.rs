@@ -271,6 +271,36 @@ pub async fn eventually(cond: impl Fn() -> bool) {
     .expect("hang guard: condition never held");
 }
 
+/// Polls an asynchronous condition every 50 ms until it holds; `what` names it when the hang
+/// guard fires.
+pub async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let polled = tokio::time::timeout(HANG_GUARD, async {
+        while !cond().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    polled
+        .await
+        .unwrap_or_else(|_| panic!("hang guard: waited in vain for {what}"));
+}
+
+/// Sends a `gpt-test` request with `text` and reads its turn.
+pub async fn turn(ws: &mut Ws, text: &str) -> Vec<Value> {
+    send(ws, &create("gpt-test", text)).await;
+    read_turn(ws).await
+}
+
+/// Whether the turn ended with `response.completed`.
+pub fn completed(events: &[Value]) -> bool {
+    events
+        .last()
+        .is_some_and(|e| e["type"] == "response.completed")
+}
+
 /// A session whose TCP receive buffer is tiny (no autotuning), so a client that stops reading
 /// pushes back on the relay within a few kilobytes instead of megabytes.
 pub async fn ws_connect_small_buffer(addr: std::net::SocketAddr, key: &str) -> Ws {
