@@ -34,6 +34,7 @@ pub struct FallbackStore {
     redis: RedisStore,
     memory: Arc<MemoryStore>,
     link: Arc<Link>,
+    waiting: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
 }
 
 /// Whether Redis answers, and what to hand over when it does again.
@@ -61,7 +62,18 @@ impl FallbackStore {
             redis,
             memory,
             link,
+            waiting: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The waiters for `scope`'s Redis slots on this instance. A release wakes one of them, not
+    /// all: each woken waiter costs a Redis call, and only one can take the slot.
+    fn waiters(&self, scope: &str) -> Arc<tokio::sync::Notify> {
+        self.waiting
+            .lock()
+            .entry(scope.to_string())
+            .or_default()
+            .clone()
     }
 
     fn up(&self) -> bool {
@@ -169,12 +181,16 @@ impl StateStore for FallbackStore {
 
     fn release(&self, scope: &str, slot: SlotId) {
         if slot >= REDIS_IDS {
-            // While Redis is down, its lease runs out by itself.
-            if self.up() {
-                self.redis.release(scope, slot);
-            }
-            // This instance's waiters look again at once; other instances' within `RECHECK`.
-            self.memory.notify_released(scope);
+            // While Redis is down, its lease runs out by itself. Once Redis has the release, one
+            // waiter of this instance looks again at once; other instances' within `RECHECK`.
+            let (redis, wake) = (self.redis.clone(), self.waiters(scope));
+            let (up, scope) = (self.up(), scope.to_string());
+            tokio::spawn(async move {
+                if up {
+                    redis.release_now(&scope, slot).await;
+                }
+                wake.notify_one();
+            });
         } else {
             self.memory.release(scope, slot);
         }
@@ -224,9 +240,14 @@ impl StateStore for FallbackStore {
     }
 
     fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()> {
+        if !self.up() {
+            return self.memory.released(scope);
+        }
         // Releases made here are told (see `release`); other instances' are found by the
         // waiters' re-checks.
-        self.memory.released(scope)
+        let mut notified = Box::pin(self.waiters(scope).notified_owned());
+        notified.as_mut().enable();
+        notified.boxed()
     }
 
     fn bind<'a>(

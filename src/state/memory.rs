@@ -73,14 +73,6 @@ impl MemoryStore {
         })
     }
 
-    /// Wakes the waiters of `scope` for a slot released elsewhere (a shared backend's slot
-    /// released by this instance).
-    pub fn notify_released(&self, scope: &str) {
-        if let Some(s) = self.scopes.lock().get(scope) {
-            s.freed.notify_waiters();
-        }
-    }
-
     fn next_id(&self) -> SlotId {
         let mut n = self.next.lock();
         *n += 1;

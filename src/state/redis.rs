@@ -71,6 +71,10 @@ if amount > 0 then
 end
 return {1, total + amount, 0}";
 
+/// Connections to Redis per instance: every turn start takes one for a round trip, and a turn
+/// must not wait for another's (deadpool's default is 4 per core).
+const POOL_SIZE: usize = 64;
+
 /// Shared state in Redis.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -88,7 +92,9 @@ impl RedisStore {
     /// A store on `url` (e.g. `redis://127.0.0.1:6379`) whose keys start with `prefix:`. No
     /// connection is made yet: an unreachable Redis shows up as errors of the calls.
     pub fn new(url: &str, prefix: &str, lease_ttl: Duration) -> Result<RedisStore, StateError> {
-        let pool = Config::from_url(url)
+        let mut cfg = Config::from_url(url);
+        cfg.pool = Some(deadpool_redis::PoolConfig::new(POOL_SIZE));
+        let pool = cfg
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| StateError(format!("redis pool for {url}: {e}")))?;
         let script = |body: &str| Script::new(&format!("{NOW}\n{body}"));
@@ -101,6 +107,19 @@ impl RedisStore {
             held: script(HELD),
             window: script(WINDOW),
         })
+    }
+
+    /// Gives a slot back and answers once Redis has it (a failure is logged: the lease runs
+    /// out by itself within its TTL).
+    pub async fn release_now(&self, scope: &str, slot: SlotId) {
+        let key = self.key(&format!("slots:{scope}"));
+        let done = match self.conn().await {
+            Ok(mut c) => c.zrem::<_, _, ()>(&key, slot).await.map_err(redis_err),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, scope = %key, "slot release not written to redis");
+        }
     }
 
     /// Whether Redis answers (`PING`).
@@ -160,20 +179,8 @@ impl StateStore for RedisStore {
     }
 
     fn release(&self, scope: &str, slot: SlotId) {
-        let (pool, key) = (self.pool.clone(), self.key(&format!("slots:{scope}")));
-        tokio::spawn(async move {
-            let done = match pool.get().await {
-                Ok(mut c) => c
-                    .zrem::<_, _, ()>(&key, slot)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = done {
-                // The lease runs out by itself within its TTL.
-                tracing::warn!(error = %e, scope = %key, "slot release not written to redis");
-            }
-        });
+        let (store, scope) = (self.clone(), scope.to_string());
+        tokio::spawn(async move { store.release_now(&scope, slot).await });
     }
 
     fn renew<'a>(
