@@ -49,3 +49,33 @@ async fn sc7_an_unreachable_redis_degrades_to_memory_and_everything_still_works(
     s.set_override("a", off.clone()).await.unwrap();
     assert_eq!(s.overrides().await.unwrap().get("a"), Some(&off));
 }
+
+/// A Redis that accepts connections and never answers (hung, or not Redis at all): the call is
+/// cut at `OP_TIMEOUT`, answered from memory, and later calls do not wait on it.
+#[tokio::test]
+async fn sc7_a_redis_that_never_answers_is_an_outage_not_a_hang() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let url = format!("redis://127.0.0.1:{port}");
+    let redis = RedisStore::new(&url, "silent", Duration::from_secs(30)).expect("store");
+    let s: Arc<dyn StateStore> =
+        Arc::new(FallbackStore::new(redis, Arc::new(MemoryStore::default())));
+    let guard = Duration::from_secs(30);
+    let minute = Duration::from_secs(60);
+    let first = tokio::time::timeout(guard, s.window("w", minute, 1, Some(5)))
+        .await
+        .expect("hang guard: cut at the op timeout");
+    assert!(first.unwrap().allowed);
+    assert!(s.degraded());
+    let second = tokio::time::timeout(guard, s.counter_add("c", 1, minute))
+        .await
+        .expect("hang guard");
+    assert_eq!(second.unwrap(), 1, "answered from memory");
+    held.abort();
+}
