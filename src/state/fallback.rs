@@ -99,6 +99,22 @@ impl FallbackStore {
         None
     }
 
+    /// Redis's answer while it is up, else memory's (`memory` is only called then).
+    fn either<'a, T: Send + 'a>(
+        &'a self,
+        what: &'a str,
+        redis: BoxFuture<'a, Result<T, StateError>>,
+        memory: impl FnOnce() -> BoxFuture<'a, Result<T, StateError>> + Send + 'a,
+    ) -> BoxFuture<'a, Result<T, StateError>> {
+        async move {
+            match self.on_redis(what, redis).await {
+                Some(v) => Ok(v),
+                None => memory().await,
+            }
+        }
+        .boxed()
+    }
+
     fn went_down(&self, what: &str, error: &str) {
         if self.link.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(
@@ -169,14 +185,11 @@ impl StateStore for FallbackStore {
         limit: usize,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<Option<SlotId>, StateError>> {
-        async move {
-            let call = self.redis.try_acquire(scope, limit, ttl);
-            match self.on_redis("take a slot", call).await {
-                Some(v) => Ok(v),
-                None => self.memory.try_acquire(scope, limit, ttl).await,
-            }
-        }
-        .boxed()
+        self.either(
+            "take a slot",
+            self.redis.try_acquire(scope, limit, ttl),
+            move || self.memory.try_acquire(scope, limit, ttl),
+        )
     }
 
     fn release(&self, scope: &str, slot: SlotId) {
@@ -230,13 +243,9 @@ impl StateStore for FallbackStore {
     }
 
     fn held<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, Result<usize, StateError>> {
-        async move {
-            match self.on_redis("count slots", self.redis.held(scope)).await {
-                Some(n) => Ok(n),
-                None => self.memory.held(scope).await,
-            }
-        }
-        .boxed()
+        self.either("count slots", self.redis.held(scope), move || {
+            self.memory.held(scope)
+        })
     }
 
     fn released<'a>(&'a self, scope: &'a str) -> BoxFuture<'a, ()> {
@@ -256,14 +265,9 @@ impl StateStore for FallbackStore {
         value: &'a str,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<(), StateError>> {
-        async move {
-            let call = self.redis.bind(name, value, ttl);
-            match self.on_redis("bind", call).await {
-                Some(()) => Ok(()),
-                None => self.memory.bind(name, value, ttl).await,
-            }
-        }
-        .boxed()
+        self.either("bind", self.redis.bind(name, value, ttl), move || {
+            self.memory.bind(name, value, ttl)
+        })
     }
 
     fn bound<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<String>, StateError>> {
@@ -287,14 +291,11 @@ impl StateStore for FallbackStore {
         amount: u64,
         limit: Option<u64>,
     ) -> BoxFuture<'a, Result<WindowVerdict, StateError>> {
-        async move {
-            let call = self.redis.window(name, window, amount, limit);
-            match self.on_redis("check a rate", call).await {
-                Some(v) => Ok(v),
-                None => self.memory.window(name, window, amount, limit).await,
-            }
-        }
-        .boxed()
+        self.either(
+            "check a rate",
+            self.redis.window(name, window, amount, limit),
+            move || self.memory.window(name, window, amount, limit),
+        )
     }
 
     fn counter_add<'a>(
@@ -324,27 +325,17 @@ impl StateStore for FallbackStore {
         amount: u64,
         ttl: Duration,
     ) -> BoxFuture<'a, Result<bool, StateError>> {
-        async move {
-            let call = self.redis.counter_seed(name, amount, ttl);
-            match self.on_redis("seed a counter", call).await {
-                Some(set) => Ok(set),
-                None => self.memory.counter_seed(name, amount, ttl).await,
-            }
-        }
-        .boxed()
+        self.either(
+            "seed a counter",
+            self.redis.counter_seed(name, amount, ttl),
+            move || self.memory.counter_seed(name, amount, ttl),
+        )
     }
 
     fn overrides(&self) -> BoxFuture<'_, Result<HashMap<String, Override>, StateError>> {
-        async move {
-            match self
-                .on_redis("read overrides", self.redis.overrides())
-                .await
-            {
-                Some(all) => Ok(all),
-                None => self.memory.overrides().await,
-            }
-        }
-        .boxed()
+        self.either("read overrides", self.redis.overrides(), move || {
+            self.memory.overrides()
+        })
     }
 
     fn set_override<'a>(
