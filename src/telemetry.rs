@@ -5,6 +5,8 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::config::LogFormat;
+
 /// Metric names, in one place so the catalogue is easy to read.
 pub mod metric {
     pub const CLIENT_SOCKETS_OPEN: &str = "switchyard_client_sockets_open";
@@ -17,6 +19,13 @@ pub mod metric {
     pub const UPSTREAM_BROKEN: &str = "switchyard_upstream_broken_total";
     pub const REPLAYS: &str = "switchyard_transcript_replays_total";
     pub const RETRIES: &str = "switchyard_turn_retries_total";
+    /// TP-8, from the request read: waiting for the key's and account's capacity.
+    pub const ADMISSION_WAIT: &str = "switchyard_turn_admission_wait_seconds";
+    /// TP-8: until the request was written upstream.
+    pub const TIME_TO_UPSTREAM_WRITE: &str = "switchyard_turn_time_to_upstream_write_seconds";
+    /// The relay's own share before the upstream sees a turn: from admission to the upstream
+    /// write (a dial when no context was warm, the rewrite, the write).
+    pub const RELAY_ADDED: &str = "switchyard_turn_relay_added_seconds";
     pub const TIME_TO_FIRST_EVENT: &str = "switchyard_turn_time_to_first_event_seconds";
     pub const TIME_TO_FIRST_TOKEN: &str = "switchyard_turn_time_to_first_token_seconds";
     pub const TURN_DURATION: &str = "switchyard_turn_duration_seconds";
@@ -39,6 +48,12 @@ pub mod metric {
     pub const STATE_DEGRADED: &str = "switchyard_state_degraded";
     /// Times Redis became unreachable.
     pub const STATE_OUTAGES: &str = "switchyard_state_outages_total";
+    /// Open client connections (HTTP and WebSocket), under `server.max_connections`.
+    pub const CONNECTIONS_OPEN: &str = "switchyard_client_connections_open";
+    /// Connections turned away at accept, by reason (`max_connections`).
+    pub const CONNECTIONS_REFUSED: &str = "switchyard_connections_refused_total";
+    /// 1 from SIGTERM until exit (OP-2).
+    pub const DRAINING: &str = "switchyard_draining";
     pub const SESSIONS_RUNNING: &str = "switchyard_sessions_running";
     pub const POOL_COUNTS: &str = "switchyard_upstream_pool";
     pub const USAGE_FLUSHED: &str = "switchyard_usage_records_flushed_total";
@@ -60,13 +75,29 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
+/// How often histogram samples are folded into their buckets. Between scrapes the recorder
+/// keeps raw samples; without this a relay nobody scrapes would hold every one of them.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the recorder once per process and returns the handle that renders it.
 pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).ok()?;
             match builder.install_recorder() {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    let upkeep = h.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(UPKEEP_EVERY);
+                            upkeep.run_upkeep();
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "no metrics upkeep: histograms fold at scrapes only");
+                    }
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
@@ -76,12 +107,46 @@ pub fn metrics_handle() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Text logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// The log line formatter, swapped in place when `log.format` changes (OP-3).
+type Formatter = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+static FORMAT: OnceLock<reload::Handle<Formatter, tracing_subscriber::Registry>> = OnceLock::new();
+
+use tracing_subscriber::reload;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text until a config says
+/// otherwise ([`set_log_format`]).
 pub fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let (format, handle) = reload::Layer::new(formatter(LogFormat::Text));
+    let installed = tracing_subscriber::registry()
+        .with(format)
+        .with(filter)
         .try_init();
+    if installed.is_ok() {
+        let _ = FORMAT.set(handle);
+    }
+}
+
+/// Puts `log.format` in force (at start and at every reload); a no-op where the process did
+/// not install the relay's logging (tests).
+pub fn set_log_format(format: LogFormat) {
+    if let Some(handle) = FORMAT.get() {
+        if let Err(e) = handle.reload(formatter(format)) {
+            tracing::warn!(error = %e, "log.format not applied");
+        }
+    }
+}
+
+/// Text for people; for collectors one JSON object per line, with the current span and its
+/// parents (session, turn) as fields.
+fn formatter(format: LogFormat) -> Formatter {
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => Box::new(layer),
+        LogFormat::Json => Box::new(layer.json().with_current_span(true).with_span_list(true)),
+    }
 }

@@ -151,6 +151,23 @@ fn example_config_matches_the_defaults() {
         (cfg.usage.flush_interval, cfg.usage.prices.as_ref()),
         (defaults.usage.flush_interval, None)
     );
+    let (sv, dsv) = (&cfg.server, &defaults.server);
+    assert_eq!(
+        (
+            sv.handshake_timeout,
+            sv.max_header_bytes,
+            sv.max_connections
+        ),
+        (
+            dsv.handshake_timeout,
+            dsv.max_header_bytes,
+            dsv.max_connections
+        )
+    );
+    assert_eq!(
+        (cfg.shutdown.drain_timeout, cfg.log.format),
+        (defaults.shutdown.drain_timeout, defaults.log.format)
+    );
     assert_eq!(cfg.keys.len(), 1);
     assert_eq!(cfg.accounts.len(), 1);
     assert_eq!(cfg.accounts[0].max_conns, 16);

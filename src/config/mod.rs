@@ -64,6 +64,15 @@ pub struct Config {
     /// Where shared state lives (SC-7).
     #[serde(deserialize_with = "value::null_as_default")]
     pub state: StateConfig,
+    /// Limits on the client listener's connections and request heads.
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub server: ServerConfig,
+    /// Graceful shutdown (OP-2).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub shutdown: ShutdownConfig,
+    /// Log output (OP-3).
+    #[serde(deserialize_with = "value::null_as_default")]
+    pub log: LogConfig,
 }
 
 impl Default for Config {
@@ -81,8 +90,73 @@ impl Default for Config {
             usage: UsageConfig::default(),
             scheduler: SchedulerConfig::default(),
             state: StateConfig::default(),
+            server: ServerConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
         }
     }
+}
+
+/// What the client listener accepts before a request reaches a handler.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of server settings"
+)]
+pub struct ServerConfig {
+    /// A request's head (an upgrade's too) must have arrived within this long.
+    #[serde(deserialize_with = "value::duration")]
+    pub handshake_timeout: Duration,
+    /// Request heads larger than this get 431.
+    pub max_header_bytes: u64,
+    /// Open client connections (sockets included) beyond this get 503 at once.
+    pub max_connections: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_header_bytes: 16384,
+            max_connections: 10000,
+        }
+    }
+}
+
+/// OP-2: how long running turns may finish after SIGTERM.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a mapping of shutdown settings"
+)]
+pub struct ShutdownConfig {
+    #[serde(deserialize_with = "value::duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log lines as text for people or JSON for collectors (OP-3).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a mapping of log settings")]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", expecting = "`text` or `json`")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The per-turn account choice (SC-2) and the circuit breaker (SC-5).

@@ -83,6 +83,7 @@ pub(super) fn validate(
     check_usage(cfg, &mut c);
     check_scheduler(cfg, &mut c);
     check_state(cfg, &mut c);
+    check_server(cfg, &mut c);
     check_admin(&mut cfg.admin, &mut c);
     check_keys(&mut cfg.keys, &mut c);
     check_accounts(&mut cfg.accounts, &mut c);
@@ -145,6 +146,23 @@ fn check_state(cfg: &Config, c: &mut Checker<'_>) {
             "state.redis_url",
             "must start with redis:// (TLS to Redis is not built in)",
         );
+    }
+}
+
+fn check_server(cfg: &Config, c: &mut Checker<'_>) {
+    let s = &cfg.server;
+    if s.handshake_timeout.is_zero() {
+        c.error("server.handshake_timeout", "must be greater than zero");
+    }
+    // A request line and the few headers every client sends.
+    if s.max_header_bytes < 1024 {
+        c.error("server.max_header_bytes", "must be at least 1024");
+    }
+    if s.max_connections == 0 {
+        c.error("server.max_connections", "must be greater than zero");
+    }
+    if cfg.shutdown.drain_timeout.is_zero() {
+        c.error("shutdown.drain_timeout", "must be greater than zero");
     }
 }
 

@@ -91,6 +91,7 @@ impl App {
             limits: self.limits.clone(),
             socket_slot: None,
             http: self.http_client.clone(),
+            drain: self.drain.clone(),
             shutdown: self.shutdown.clone(),
         }
     }

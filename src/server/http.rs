@@ -84,6 +84,9 @@ impl HttpSessions {
 
 /// `POST` on a responses path.
 pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    if app.draining() {
+        return shutting_down();
+    }
     let key = match authenticate(&app, &headers) {
         Ok(key) => key.clone(),
         Err(refusal) => return *refusal,
@@ -408,7 +411,8 @@ fn error_response(frame: &Value) -> Response {
     resp
 }
 
-fn shutting_down() -> Response {
+/// OP-2's refusal of new work while the relay drains (and of requests it could not finish).
+pub(super) fn shutting_down() -> Response {
     refuse(
         StatusCode::SERVICE_UNAVAILABLE,
         "server_error",

@@ -1,12 +1,14 @@
 //! The relay's client-facing front: one axum router with the WebSocket ingress on its three
-//! paths ([`ws`]) and the operations endpoints ([`ops`]); and the process around it: the usage
-//! flusher, SIGHUP (price reload) and SIGTERM (sessions closed, usage flushed, exit 0).
+//! paths ([`ws`]) and the operations endpoints ([`ops`]), served by [`listener`]; and the
+//! process around it: the usage flusher, SIGHUP (reload) and SIGTERM (OP-2: drain, cut what
+//! still runs after `shutdown.drain_timeout`, flush usage, exit 0).
 
 pub mod admin;
 pub mod admin_cli;
 pub mod auth;
 pub mod embedded;
 pub mod http;
+pub mod listener;
 pub mod ops;
 pub mod reload;
 pub mod ws;
@@ -32,6 +34,10 @@ use crate::usage::Recorder;
 /// How long shutdown waits for sessions to close their sockets before the final flush.
 const SESSION_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
+/// How long shutdown waits for client connections to send what their sessions left them (an
+/// SSE stream's last `error` event) once the sessions are closed.
+const CONNECTION_CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// What every handler shares.
 pub struct App {
     /// The config in force: swapped whole by a reload (TM-3), read per use.
@@ -56,8 +62,21 @@ pub struct App {
     pub next_session: AtomicU64,
     /// This process's name in usage records' session ids, so they stay unique across restarts.
     pub instance: String,
-    /// Cancelled at shutdown: every session closes its socket.
+    /// Cancelled at SIGTERM (OP-2): new work is refused, idle sessions close, running turns
+    /// finish.
+    pub drain: CancellationToken,
+    /// Cancelled when the drain is over (or at once without one): every session closes its
+    /// socket, background tasks stop.
     pub shutdown: CancellationToken,
+    /// Cancelled once the sessions are closed: the client listener stops accepting and its
+    /// connections close after their running response.
+    listener_stop: CancellationToken,
+    /// Places under `server.max_connections`, one per open client connection.
+    connection_slots: Arc<tokio::sync::Semaphore>,
+    /// The client connections' tasks, so shutdown can wait for their last bytes.
+    connections: TaskTracker,
+    /// `shutdown.drain_timeout` as the process started (it needs a restart to change).
+    drain_timeout: Duration,
     /// The running sessions, so shutdown can wait for their records.
     pub sessions: TaskTracker,
     /// HTTP sessions by session key (HS-2).
@@ -96,12 +115,24 @@ impl Running {
             let _ = f.await;
         }
     }
+
+    /// OP-2 as SIGTERM runs it: drain, cut what still runs after `shutdown.drain_timeout`,
+    /// stop the listener, flush usage.
+    pub async fn terminate(mut self) {
+        self.app.terminate().await;
+        let _ = (&mut self.task).await;
+        if let Some(f) = self.flusher.take() {
+            let _ = f.await;
+        }
+    }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.task.abort();
+        self.app.drain.cancel();
         self.app.shutdown.cancel();
+        self.app.listener_stop.cancel();
         self.app.flush_stop.cancel();
         if let Some(f) = self.flusher.take() {
             f.abort();
@@ -164,12 +195,7 @@ pub async fn spawn_with_path(
     app.start_config_watch();
     let admin_addr = spawn_admin(&app).await?;
     let flusher = app.start_flusher();
-    let routes = routes(app.clone());
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(crate::server::nodelay(listener), routes).await {
-            tracing::error!(error = %e, "relay listener stopped");
-        }
-    });
+    let task = tokio::spawn(listener::serve(listener, routes(app.clone()), app.clone()));
     Ok(Running {
         addr,
         admin_addr,
@@ -188,7 +214,7 @@ pub async fn run(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Resul
     serve_until_signal(app, listener).await
 }
 
-/// Serves `app` on `listener` until SIGTERM/SIGINT, then closes sessions and flushes usage.
+/// Serves `app` on `listener` until SIGTERM/SIGINT, then shuts down as OP-2 says.
 pub async fn serve_until_signal(
     app: Arc<App>,
     listener: tokio::net::TcpListener,
@@ -197,18 +223,10 @@ pub async fn serve_until_signal(
     spawn_admin(&app).await?;
     let signals = Signals::install();
     tracing::info!(listen = %listener.local_addr()?, "switchyard listening");
-    let (stop, on_signal) = (app.shutdown.clone(), app.clone());
-    let signalled = tokio::spawn(async move {
-        signals.serve(on_signal).await;
-        tracing::info!("shutting down: closing sessions and flushing usage");
-        stop.cancel();
-    });
-    let stop = app.shutdown.clone();
-    axum::serve(crate::server::nodelay(listener), routes(app.clone()))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
-    signalled.abort();
-    app.close_sessions().await;
+    let server = tokio::spawn(listener::serve(listener, routes(app.clone()), app.clone()));
+    signals.serve(app.clone()).await;
+    app.terminate().await;
+    server.await.context("client listener")?;
     flusher.await.context("usage flusher")?;
     tracing::info!(flushed = app.usage.flushed(), "usage flushed; exiting");
     Ok(())
@@ -227,6 +245,7 @@ impl App {
     /// An app whose config came from `path`, which reloads read again.
     pub fn with_path(cfg: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<Arc<App>> {
         crate::telemetry::metrics_handle();
+        crate::telemetry::set_log_format(cfg.log.format);
         let u = &cfg.upstream;
         let settings = ConnSettings {
             ping_interval: u.ping_interval,
@@ -263,6 +282,9 @@ impl App {
         let total = usize::try_from(cfg.limits.max_transcript_bytes_total).unwrap_or(usize::MAX);
         let budget = Arc::new(TranscriptBudget::new(total));
         let http_client = crate::upstream::http::client(cfg.upstream.dial_timeout)?;
+        let connection_limit = usize::try_from(cfg.server.max_connections)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         let app = Arc::new(App {
             config: Arc::new(parking_lot::RwLock::new(Arc::new(cfg))),
             config_path: path,
@@ -277,7 +299,12 @@ impl App {
             http_client,
             next_session: AtomicU64::new(1),
             instance: hex::encode(rand::random::<[u8; 4]>()),
+            drain: CancellationToken::new(),
             shutdown,
+            listener_stop: CancellationToken::new(),
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(connection_limit)),
+            connections: TaskTracker::new(),
+            drain_timeout: cfg.shutdown.drain_timeout,
             sessions: TaskTracker::new(),
             http_sessions: http::HttpSessions::default(),
             flush_stop: CancellationToken::new(),
@@ -375,9 +402,47 @@ impl App {
             .spawn_flusher(self.cfg().usage.flush_interval, self.flush_stop.clone())
     }
 
+    /// Whether the relay is draining (OP-2): new requests and upgrades get 503.
+    pub fn draining(&self) -> bool {
+        self.drain.is_cancelled()
+    }
+
+    /// OP-2: refuse new work and let running turns finish for up to `shutdown.drain_timeout`;
+    /// then close what is left, stop the listener once its connections have sent their last
+    /// bytes, and let the flusher write the last records.
+    pub async fn terminate(&self) {
+        let limit = self.drain_timeout;
+        tracing::info!(sessions = self.sessions.len(), drain_timeout = ?limit, "draining");
+        metrics::gauge!(crate::telemetry::metric::DRAINING).set(1.0);
+        self.drain.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(limit, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = self.sessions.len(),
+                "drain timeout: cutting the turns still running"
+            );
+        }
+        self.close_sessions().await;
+        self.listener_stop.cancel();
+        self.connections.close();
+        if tokio::time::timeout(CONNECTION_CLOSE_WAIT, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = self.connections.len(),
+                "client connections still open at exit"
+            );
+        }
+    }
+
     /// Tells every session to close and waits (bounded) until they have, so their usage
     /// records are taken before the last flush; then lets the flusher write it.
     async fn close_sessions(&self) {
+        self.drain.cancel();
         self.shutdown.cancel();
         self.sessions.close();
         if tokio::time::timeout(SESSION_CLOSE_WAIT, self.sessions.wait())

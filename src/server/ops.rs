@@ -16,12 +16,18 @@ pub async fn healthz() -> &'static str {
 
 /// The config is loaded and the listener is up (the router exists only after both).
 /// 200 while serving; its body says `degraded` while shared state is unreachable (SC-7), since
-/// the instance still serves then, with limits of its own.
-pub async fn readyz(State(app): State<Arc<App>>) -> &'static str {
-    if app.state.degraded() {
-        "ready degraded: redis unreachable, limits and bindings are this instance's own\n"
+/// the instance still serves then, with limits of its own. 503 while draining (OP-2), so a
+/// balancer stops sending work before the listener goes.
+pub async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, &'static str) {
+    if app.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down\n")
+    } else if app.state.degraded() {
+        (
+            StatusCode::OK,
+            "ready degraded: redis unreachable, limits and bindings are this instance's own\n",
+        )
     } else {
-        "ready\n"
+        (StatusCode::OK, "ready\n")
     }
 }
 

@@ -37,6 +37,14 @@ impl App {
             ("listen", old.listen != new.listen),
             ("admin.listen", old.admin.listen != new.admin.listen),
             ("store.path", old.store.path != new.store.path),
+            (
+                "server.max_connections",
+                old.server.max_connections != new.server.max_connections,
+            ),
+            (
+                "shutdown.drain_timeout",
+                old.shutdown.drain_timeout != new.shutdown.drain_timeout,
+            ),
             ("state", {
                 let (a, b) = (&old.state, &new.state);
                 (a.backend, &a.redis_url, &a.redis_prefix, a.lease_ttl)
@@ -60,6 +68,9 @@ impl App {
             .configure(crate::scheduler::health::BreakerSettings::of(
                 &new.scheduler,
             ));
+        if old.log.format != new.log.format {
+            crate::telemetry::set_log_format(new.log.format);
+        }
         *self.config.write() = Arc::new(new);
         self.reloads.send_modify(|n| *n += 1);
         tracing::info!("config reloaded");

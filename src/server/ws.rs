@@ -24,6 +24,9 @@ use crate::upstream::Identity;
 
 /// `GET` on a responses path: refuse with a JSON error, or switch protocols into a session.
 pub async fn entry(State(app): State<Arc<App>>, mut req: Request) -> Response {
+    if app.draining() {
+        return super::http::shutting_down();
+    }
     let headers = req.headers();
     let Some(accept) = upgrade_accept_key(headers) else {
         return refuse(

@@ -4,6 +4,7 @@
 //! a preemption or a disconnect cancels it (aborting the task gives back what it took).
 
 use std::sync::Arc;
+use tracing::Instrument;
 
 use tokio::time::Instant;
 
@@ -72,16 +73,20 @@ impl Session {
         let (pool, identity) = (self.p.pool.clone(), self.identity_for_dial());
         let (session, depth) = (self.p.id, self.p.cfg.session.pump_channel);
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
-        self.dialing = Some(tokio::spawn(async move {
-            let lease = pool
-                .lease(&account, session, &identity, depth, deadline)
-                .await?;
-            Ok(Admitted {
-                slot: None,
-                lease: Some(lease),
-                http: None,
-            })
-        }));
+        let span = self.turn_span();
+        self.dialing = Some(tokio::spawn(
+            async move {
+                let lease = pool
+                    .lease(&account, session, &identity, depth, deadline)
+                    .await?;
+                Ok(Admitted {
+                    slot: None,
+                    lease: Some(lease),
+                    http: None,
+                })
+            }
+            .instrument(span),
+        ));
     }
 
     pub(super) fn wait_for_slot(&mut self, account: AccountConfig, scope: String) {
@@ -91,22 +96,26 @@ impl Session {
         let deadline = Instant::now() + self.p.cfg.session.admission_timeout;
         // An HTTP turn takes no context: its request starts once the slot is there.
         let held = self.waiting_lease.is_some() || self.turn.as_ref().is_some_and(|t| t.is_http());
-        self.dialing = Some(tokio::spawn(async move {
-            let slot = wait_slot(&store, &scope, &account, deadline).await?;
-            let lease = if held {
-                None
-            } else {
-                Some(
-                    pool.lease(&account, session, &identity, depth, deadline)
-                        .await?,
-                )
-            };
-            Ok(Admitted {
-                slot: Some(slot),
-                lease,
-                http: None,
-            })
-        }));
+        let span = self.turn_span();
+        self.dialing = Some(tokio::spawn(
+            async move {
+                let slot = wait_slot(&store, &scope, &account, deadline).await?;
+                let lease = if held {
+                    None
+                } else {
+                    Some(
+                        pool.lease(&account, session, &identity, depth, deadline)
+                            .await?,
+                    )
+                };
+                Ok(Admitted {
+                    slot: Some(slot),
+                    lease,
+                    http: None,
+                })
+            }
+            .instrument(span),
+        ));
     }
 
     pub(super) async fn on_dialed(

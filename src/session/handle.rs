@@ -26,6 +26,11 @@ impl Session {
             Wake::Http(f) => self.on_http(f),
             Wake::Silence => self.on_silence(),
             Wake::Ping => self.on_ping(),
+            Wake::Drain => {
+                // `next_queued` closes the socket once no turn runs.
+                self.draining = true;
+                Step::Go
+            }
             Wake::Shutdown => {
                 self.shutting_down = true;
                 Step::Close(1012, "server shutting down")
@@ -63,6 +68,10 @@ impl Session {
     }
 
     async fn on_text(&mut self, text: &str) -> Step {
+        if self.draining {
+            self.refuse_draining(text);
+            return Step::Go;
+        }
         match client::parse(text) {
             Err(e) => self.refuse(e),
             Ok(ClientFrame::Ignore) => Step::Go,
@@ -74,6 +83,23 @@ impl Session {
                 }
                 self.start_turn(req, read).await
             }
+        }
+    }
+
+    /// OP-2: a request read while the relay drains never starts; it is recorded as `shutdown`
+    /// and the socket closes with 1012 once no turn runs.
+    pub(super) fn refuse_draining(&mut self, text: &str) {
+        if let Ok(ClientFrame::Create(req)) = client::parse(text) {
+            self.turns += 1;
+            let read = Read::now(self.turns);
+            let side = Side::Internal;
+            self.record_unstarted(
+                &read,
+                req.model(),
+                TurnStatus::Shutdown,
+                "shutting_down",
+                side,
+            );
         }
     }
 

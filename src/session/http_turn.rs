@@ -5,6 +5,7 @@
 
 use serde_json::{Map, Value};
 use tokio_tungstenite::tungstenite::Message;
+use tracing::Instrument;
 
 use super::admit::Admitted;
 use super::record::Ending;
@@ -36,14 +37,18 @@ impl Session {
             timeout: cfg.upstream.dial_timeout,
             max_event_bytes: usize::try_from(cfg.upstream.max_message_bytes).unwrap_or(usize::MAX),
         };
-        self.dialing = Some(tokio::spawn(async move {
-            let turn = HttpTurn::start(&client, &account, body, &identity, limits).await?;
-            Ok(Admitted {
-                slot: None,
-                lease: None,
-                http: Some((turn, sent)),
-            })
-        }));
+        let span = self.turn_span();
+        self.dialing = Some(tokio::spawn(
+            async move {
+                let turn = HttpTurn::start(&client, &account, body, &identity, limits).await?;
+                Ok(Admitted {
+                    slot: None,
+                    lease: None,
+                    http: Some((turn, sent)),
+                })
+            }
+            .instrument(span),
+        ));
     }
 
     /// The HTTP request is under way: its events follow.

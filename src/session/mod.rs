@@ -75,7 +75,10 @@ pub struct SessionParams {
     pub socket_slot: Option<crate::state::Slot>,
     /// The client for `http` accounts (one pool of upstream connections per relay).
     pub http: reqwest::Client,
-    /// Cancelled when the relay shuts down: the socket closes with 1012.
+    /// Cancelled when the relay starts draining (OP-2): an idle socket closes with 1012, a
+    /// running turn finishes first.
+    pub drain: tokio_util::sync::CancellationToken,
+    /// Cancelled when the drain time is over: the socket closes with 1012 at once.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -91,6 +94,8 @@ enum Wake {
     /// No upstream event of the running turn within `upstream.stream_idle_timeout`.
     Silence,
     Ping,
+    /// The relay started draining (OP-2).
+    Drain,
     Shutdown,
     /// The config was reloaded: is this session's key still there?
     Reloaded,
@@ -147,6 +152,8 @@ struct Session {
     shutting_down: bool,
     /// A reload removed or disabled this session's key: it closes after its running turn.
     revoked: bool,
+    /// The relay is draining (OP-2): the session closes with 1012 once no turn runs.
+    draining: bool,
     /// A store write the client must not see past (a stored response's binding on a shared
     /// store, SC-7): awaited before the outbox is flushed.
     before_flush: Option<futures::future::BoxFuture<'static, ()>>,
@@ -204,10 +211,11 @@ where
         sticky: None,
         shutting_down: false,
         revoked: false,
+        draining: false,
         before_flush: None,
     };
     let mut reloads = s.p.reloads.clone();
-    let shutdown = s.p.shutdown.clone();
+    let (drain, shutdown) = (s.p.drain.clone(), s.p.shutdown.clone());
     // One timer each for upstream silence and for WS-8's idle limits, moved only when their
     // deadline changes: every event pushes `silent_at` forward, and re-registering a timer per
     // event would cost more than the event.
@@ -239,6 +247,7 @@ where
             f = next_http(&mut s.http), if s.http.is_some() && !s.out.has_pending() => Wake::Http(f),
             _ = &mut silence, if s.silent_at.is_some() && !s.out.has_pending() => Wake::Silence,
             _ = ping.tick(), if s.p.kind == ClientKind::WebSocket => Wake::Ping,
+            _ = drain.cancelled(), if !s.draining => Wake::Drain,
             _ = shutdown.cancelled() => Wake::Shutdown,
             r = reloads.changed(), if !s.revoked => match r {
                 Ok(()) => Wake::Reloaded,
@@ -254,7 +263,8 @@ where
             }
             (wake, _) => wake,
         };
-        let step = match s.handle(wake).await {
+        let span = s.turn_span();
+        let step = match s.handle(wake).instrument(span).await {
             Step::Go => s.next_queued().await,
             other => other,
         };
@@ -272,6 +282,15 @@ where
     s.end(end).await;
     budget.remove(id);
     metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
+}
+
+impl Session {
+    /// The running turn's span (OP-3), else the session's: where what happens now is logged.
+    fn turn_span(&self) -> tracing::Span {
+        self.turn
+            .as_ref()
+            .map_or_else(tracing::Span::current, |t| t.span.clone())
+    }
 }
 
 /// One non-blocking write-and-flush attempt (the task is woken when the socket has room).

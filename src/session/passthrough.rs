@@ -34,8 +34,9 @@ enum End {
     /// The upstream closed or broke: the client gets its close code.
     Upstream(Step),
     Shutdown,
-    /// The account is draining (TM-3) and no turn runs: the socket closes with 1012.
-    Drained,
+    /// The account (TM-3) or the relay (OP-2) is draining and no turn runs: the socket closes
+    /// with 1012 and this reason.
+    Drained(&'static str),
 }
 
 impl Session {
@@ -107,9 +108,9 @@ impl Session {
                 );
                 step
             }
-            End::Drained => {
+            End::Drained(reason) => {
                 let _ = send(&live, Message::Close(None)).await;
-                Step::Close(1012, "account draining")
+                Step::Close(1012, reason)
             }
             End::Shutdown => {
                 self.close_turns(
@@ -134,9 +135,22 @@ impl Session {
     where
         St: Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
     {
-        let shutdown = self.p.shutdown.clone();
+        let (drain, shutdown) = (self.p.drain.clone(), self.p.shutdown.clone());
         // An idle socket of a draining account notices it within this long.
         let mut drain_check = tokio::time::interval(std::time::Duration::from_millis(250));
+        let drained = |s: &Self, turns: &VecDeque<Turn>| {
+            if !turns.is_empty() {
+                None
+            } else if drain.is_cancelled() {
+                Some("server shutting down")
+            } else {
+                s.p.scheduler
+                    .registry
+                    .draining(&account.id)
+                    .then_some("account draining")
+            }
+        };
+        let mut drain_seen = false;
         loop {
             if self.out.busy() && self.out.drain().await.is_err() {
                 return End::Client;
@@ -146,6 +160,13 @@ impl Session {
                     Some(Ok(Message::Close(frame))) => {
                         let _ = send(live, Message::Close(frame)).await;
                         return End::Client;
+                    }
+                    Some(Ok(Message::Text(t))) if drain.is_cancelled() => {
+                        // OP-2: not forwarded; the socket closes once no turn runs.
+                        self.refuse_draining(t.as_str());
+                        if let Some(reason) = drained(self, turns) {
+                            return End::Drained(reason);
+                        }
                     }
                     Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
                         if let Message::Text(t) = &m {
@@ -161,19 +182,25 @@ impl Session {
                 f = events.recv() => match f {
                     Some(UpFrame::Event(text)) => {
                         self.upstream_frame(text, turns);
-                        if turns.is_empty() && self.p.scheduler.registry.draining(&account.id) {
-                            // After the running turn's terminal (TM-3): flushed, then closed.
+                        if let Some(reason) = drained(self, turns) {
+                            // After the running turn's terminal (TM-3, OP-2): flushed, closed.
                             let _ = self.out.drain().await;
-                            return End::Drained;
+                            return End::Drained(reason);
                         }
                     }
                     Some(UpFrame::Ended(end)) => return End::Upstream(close_for(&end)),
                     None => return End::Upstream(Step::Close(1011, "passthrough upstream ended")),
                 },
                 _ = shutdown.cancelled() => return End::Shutdown,
+                _ = drain.cancelled(), if !drain_seen => {
+                    drain_seen = true;
+                    if let Some(reason) = drained(self, turns) {
+                        return End::Drained(reason);
+                    }
+                }
                 _ = drain_check.tick() => {
-                    if turns.is_empty() && self.p.scheduler.registry.draining(&account.id) {
-                        return End::Drained;
+                    if let Some(reason) = drained(self, turns) {
+                        return End::Drained(reason);
                     }
                 }
             }

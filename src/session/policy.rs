@@ -83,6 +83,11 @@ impl Session {
         if self.turn.is_some() || self.dialing.is_some() {
             return Step::Go;
         }
+        if self.draining {
+            // Requests still queued are recorded as `shutdown` by `end`.
+            self.shutting_down = true;
+            return Step::Close(1012, "server shutting down");
+        }
         if self.revoked {
             return Step::Close(1008, "api key removed or disabled");
         }

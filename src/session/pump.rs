@@ -292,6 +292,7 @@ impl Session {
             metrics::counter!(metric::FAILOVERS, "from" => turn.account_id.clone(), "to" => account.id.clone())
                 .increment(1);
             turn.account_id = account.id.clone();
+            turn.span.record("account", account.id.as_str());
             turn.slot = None;
         }
         turn.ticket = Some(choice.ticket);

@@ -91,6 +91,7 @@ impl Session {
         let charged = r.tokens.input + r.tokens.output;
         self.p.limits.charge(&self.p.key_id, charged, r.cost_usd);
         tracing::info!(
+            parent: &turn.span,
             request_id = %r.request_id,
             turn = r.seq,
             model = %turn.model,
@@ -163,7 +164,16 @@ fn split(error: Option<(String, Option<Side>)>) -> (Option<String>, Option<Strin
 fn observe(status: TurnStatus, transport: &'static str, t: &TimingsMs) {
     metrics::counter!(metric::TURNS, "status" => status.as_str(), "transport" => transport)
         .increment(1);
+    // The relay's own time before the upstream saw the request, once the turn was admitted:
+    // a dial when no context was warm, the rewrite, the write.
+    let relay_added = t
+        .upstream_write
+        .zip(t.admission_wait)
+        .map(|(w, a)| (w - a).max(0.0));
     for (name, ms) in [
+        (metric::ADMISSION_WAIT, t.admission_wait),
+        (metric::TIME_TO_UPSTREAM_WRITE, t.upstream_write),
+        (metric::RELAY_ADDED, relay_added),
         (metric::TIME_TO_FIRST_EVENT, t.first_event),
         (metric::TIME_TO_FIRST_TOKEN, t.first_token),
         (metric::TURN_DURATION, t.total),

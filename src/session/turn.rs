@@ -83,6 +83,9 @@ pub struct Turn {
     pub bound: bool,
     /// The turn's place among its key's concurrent turns (SC-6).
     pub limit_hold: Option<crate::limits::TurnHold>,
+    /// OP-3: what the turn logs, and its dial tasks, is inside this span (a child of the
+    /// session's), which names the request, model and account but never the key.
+    pub span: tracing::Span,
 }
 
 /// What a turn starts from.
@@ -108,7 +111,15 @@ impl Turn {
     pub fn new(t: TurnStart) -> Turn {
         let warm_up = t.body.get("generate").and_then(Value::as_bool) == Some(false);
         let new_items = super::transcript::input_items(&t.body);
+        let span = tracing::info_span!(
+            "turn",
+            request_id = %t.request_id,
+            seq = t.seq,
+            model = %t.model,
+            account = %t.account_id,
+        );
         Turn {
+            span,
             request_id: t.request_id,
             created_ms: t.created_ms,
             seq: t.seq,
