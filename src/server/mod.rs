@@ -285,6 +285,7 @@ impl App {
         let connection_limit = usize::try_from(cfg.server.max_connections)
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let drain_timeout = cfg.shutdown.drain_timeout;
         let app = Arc::new(App {
             config: Arc::new(parking_lot::RwLock::new(Arc::new(cfg))),
             config_path: path,
@@ -304,7 +305,7 @@ impl App {
             listener_stop: CancellationToken::new(),
             connection_slots: Arc::new(tokio::sync::Semaphore::new(connection_limit)),
             connections: TaskTracker::new(),
-            drain_timeout: cfg.shutdown.drain_timeout,
+            drain_timeout,
             sessions: TaskTracker::new(),
             http_sessions: http::HttpSessions::default(),
             flush_stop: CancellationToken::new(),
