@@ -24,28 +24,6 @@ fn post(env: &Env, v: &Value, session: Option<&str>) -> reqwest::RequestBuilder 
     r
 }
 
-/// Splits an SSE body into (event name, data JSON) pairs, checking the framing.
-fn sse_events(text: &str) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
-        let mut lines = block.lines();
-        let event = lines
-            .next()
-            .and_then(|l| l.strip_prefix("event: "))
-            .expect("event line");
-        let data = lines
-            .next()
-            .and_then(|l| l.strip_prefix("data: "))
-            .expect("data line");
-        assert!(lines.next().is_none(), "one data line per event: {block}");
-        out.push((
-            event.to_string(),
-            serde_json::from_str(data).expect("data is JSON"),
-        ));
-    }
-    out
-}
-
 async fn sse(resp: reqwest::Response) -> Vec<(String, Value)> {
     assert_eq!(resp.status(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();

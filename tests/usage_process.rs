@@ -50,7 +50,7 @@ async fn mock() -> switchyard::mock::MockUpstream {
         .expect("mock")
 }
 
-/// SIGTERM: the running turn is cut (`shutdown` record), the client gets 1012, every record is
+/// SIGTERM: the running turn, stalled past `shutdown.drain_timeout`, is cut (`shutdown` record), the client gets 1012, every record is
 /// flushed (the interval is an hour, so only the shutdown flush can have written them), exit 0.
 #[tokio::test]
 async fn us1_sigterm_flushes_every_record_and_exits_0() {
@@ -58,7 +58,7 @@ async fn us1_sigterm_flushes_every_record_and_exits_0() {
     let config = write_config(
         dir.path(),
         &mock.base_url(),
-        "usage:\n  flush_interval: 1h\n",
+        "usage:\n  flush_interval: 1h\nshutdown:\n  drain_timeout: 500ms\n",
     );
     let relay = Proc::start(&config).await;
     let mut ws = ws_connect(&relay.ws_url(), KEY).await;

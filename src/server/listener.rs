@@ -34,8 +34,8 @@ content-length: 155\r\n\
 {\"error\":{\"message\":\"The relay has server.max_connections connections open; try again.\",\
 \"type\":\"server_error\",\"param\":null,\"code\":\"too_many_connections\"}}\n";
 
-/// Serves `router` on `listener` until the app's listener stop, then lets each open connection
-/// finish its running response and returns once they have (the caller bounds the wait).
+/// Accepts connections for `router` until the app's listener stop; the connections then close
+/// after their running response, and [`App::terminate`] waits for them (bounded).
 pub async fn serve(listener: TcpListener, router: Router, app: Arc<App>) {
     let refusing = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
     let stop = app.listener_stop.clone();
@@ -50,7 +50,7 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<App>) {
                     continue;
                 }
             },
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => return,
         };
         let Ok(permit) = app.connection_slots.clone().try_acquire_owned() else {
             refuse(tcp, &refusing);
@@ -64,8 +64,6 @@ pub async fn serve(listener: TcpListener, router: Router, app: Arc<App>) {
         let (router, app2) = (router.clone(), app.clone());
         app.connections.spawn(connection(io, router, app2));
     }
-    app.connections.close();
-    app.connections.wait().await;
 }
 
 /// One HTTP/1.1 connection (upgrades included) with the limits in force when it was accepted.
@@ -102,12 +100,21 @@ fn refuse(mut tcp: TcpStream, refusing: &Arc<Semaphore>) {
     tokio::spawn(async move {
         let _permit = permit;
         let _ = tokio::time::timeout(REFUSE_WAIT, async {
+            // The answer goes after the request head: an HTTP client takes bytes that come
+            // before its request as a broken connection, not as an answer.
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                match tcp.read(&mut chunk).await? {
+                    0 => return Ok(()),
+                    n => head.extend_from_slice(&chunk[..n]),
+                }
+            }
             tcp.write_all(BUSY).await?;
             tcp.shutdown().await?;
-            // Read what the client sent until it closes, so closing does not reset the
-            // connection before the client has read the answer.
-            let mut sink = [0u8; 1024];
-            while tcp.read(&mut sink).await? > 0 {}
+            // Read on until the client closes, so closing does not reset the connection
+            // before the client has read the answer.
+            while tcp.read(&mut chunk).await? > 0 {}
             Ok::<_, io::Error>(())
         })
         .await;

@@ -120,7 +120,7 @@ impl Running {
     /// stop the listener, flush usage.
     pub async fn terminate(mut self) {
         self.app.terminate().await;
-        let _ = (&mut self.task).await;
+        self.task.abort();
         if let Some(f) = self.flusher.take() {
             let _ = f.await;
         }

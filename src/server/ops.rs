@@ -57,6 +57,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 fn live_counts(app: &App) {
+    // Gauges every scrape shows, whether or not anything changed them yet.
+    metrics::gauge!(metric::DRAINING).set(f64::from(u8::from(app.draining())));
+    metrics::gauge!(metric::STATE_DEGRADED).set(f64::from(u8::from(app.state.degraded())));
+    for account in app.cfg().accounts.iter() {
+        let open = app.scheduler.health.view(&account.id).breaker == "open";
+        metrics::gauge!(metric::BREAKER_STATE, "account" => account.id.clone())
+            .set(f64::from(u8::from(open)));
+    }
     let c = app.pool.counts();
     metrics::gauge!(metric::SESSIONS_RUNNING).set(app.sessions.len() as f64);
     for (what, n) in [

@@ -2,6 +2,7 @@
 //! hang guards, and the event dump the Python shape check reads.
 #![allow(dead_code)]
 
+pub mod metrics;
 pub mod multi;
 pub mod process;
 pub mod redis;
@@ -320,4 +321,26 @@ pub async fn ws_connect_small_buffer(addr: std::net::SocketAddr, key: &str) -> W
     .expect("hang guard: connect")
     .expect("websocket connect");
     ws
+}
+
+/// Splits an SSE body into (event name, data JSON) pairs, checking the framing.
+pub fn sse_events(text: &str) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let mut lines = block.lines();
+        let event = lines
+            .next()
+            .and_then(|l| l.strip_prefix("event: "))
+            .expect("event line");
+        let data = lines
+            .next()
+            .and_then(|l| l.strip_prefix("data: "))
+            .expect("data line");
+        assert!(lines.next().is_none(), "one data line per event: {block}");
+        out.push((
+            event.to_string(),
+            serde_json::from_str(data).expect("data is JSON"),
+        ));
+    }
+    out
 }
