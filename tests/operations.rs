@@ -241,46 +241,34 @@ async fn settled(addr: &str) -> Scrape {
 }
 
 /// OP-2 against the real binary: SIGTERM while a WebSocket turn and an SSE stream run, beside an
-/// idle socket. The idle socket gets 1012; `/readyz` turns 503 and new upgrades and requests get
-/// 503 `shutting_down` while `/healthz` and `/metrics` still answer; a request sent on the busy
-/// socket is recorded `shutdown` and never starts; the running turn finishes and then its socket
-/// gets 1012; the SSE stream that outlives `shutdown.drain_timeout` ends with a 503 `error` event
-/// and EOF; the process exits 0 with every record flushed (the flush interval is an hour).
+/// idle socket. `shutdown.drain_timeout` is longer than the hang guard, so everything here
+/// happens by the drain itself: the idle socket gets 1012; `/readyz` turns 503 and new upgrades
+/// and requests get 503 `shutting_down` while `/healthz` and `/metrics` still answer; a request
+/// sent on the busy socket is recorded `shutdown` and never starts; the running turn and the SSE
+/// stream finish, then the busy socket gets 1012; the process exits 0 as soon as the last session
+/// has ended, with every record flushed (the flush interval is an hour).
 #[tokio::test]
 async fn op2_sigterm_during_a_turn_drains_refuses_new_work_and_exits_0() {
     let (mock, dir) = (mock().await, tempfile::tempdir().expect("dir"));
-    let extra = "shutdown:\n  drain_timeout: 3s\n";
+    let extra = "shutdown:\n  drain_timeout: 10m\n";
     let mut relay = Proc::start(&write_config(dir.path(), &mock.base_url(), extra)).await;
     let addr = relay.addr.clone();
 
     let mut idle = ws_connect(&relay.ws_url(), KEY).await;
     assert!(completed(&turn(&mut idle, "warm").await));
     let mut busy = ws_connect(&relay.ws_url(), KEY).await;
-    send(
-        &mut busy,
-        &create("gpt-test", "[[mock:text 12]] [[mock:fault slow 100ms]]"),
-    )
-    .await;
-    let first = next_frame(&mut busy).await;
-    assert!(matches!(first, Frame::Event(_)));
+    let slow = "[[mock:text 12]] [[mock:fault slow 100ms]]";
+    send(&mut busy, &create("gpt-test", slow)).await;
+    assert!(matches!(next_frame(&mut busy).await, Frame::Event(_)));
     let stream = post(
         &addr,
         KEY,
-        &json!({"model": "gpt-test", "stream": true, "input": "[[mock:text 20]] [[mock:fault stall after=3]]"}),
+        &json!({"model": "gpt-test", "stream": true, "input": slow}),
     )
     .await;
     assert_eq!(stream.status(), 200);
     let sse_body = tokio::spawn(async move { stream.text().await.expect("SSE body") });
-    until("the SSE turn is upstream", || {
-        let addr = addr.clone();
-        async move {
-            scrape(&addr)
-                .await
-                .value("switchyard_upstream_pool", &[("count", "in_turn")])
-                >= 2.0
-        }
-    })
-    .await;
+    in_turn(&addr, 2).await;
 
     relay.signal("TERM");
     relay.wait_log("draining").await;
@@ -307,32 +295,86 @@ async fn op2_sigterm_during_a_turn_drains_refuses_new_work_and_exits_0() {
         "and nothing of the late request is sent"
     );
     assert_eq!(next_frame(&mut busy).await, Frame::Closed(Some(1012)));
+    let sse = sse_events(&ended(sse_body).await);
+    assert_eq!(sse.last().expect("SSE events").0, "response.completed");
 
-    let sse = tokio::time::timeout(HANG_GUARD, sse_body)
+    assert_eq!(exit_code(&mut relay).await, Some(0));
+    assert_eq!(
+        statuses(dir.path()),
+        ["completed", "completed", "completed", "shutdown"],
+        "the warm-up, the drained WS turn and the SSE turn completed; the late request is `shutdown`"
+    );
+}
+
+/// OP-2's cut: turns still running at `shutdown.drain_timeout` end — the WebSocket with 1012, the
+/// SSE stream with the 503 `shutting_down` error event and EOF — and are recorded `shutdown`;
+/// the process exits 0.
+#[tokio::test]
+async fn op2_turns_past_the_drain_timeout_are_cut_and_recorded_shutdown() {
+    let (mock, dir) = (mock().await, tempfile::tempdir().expect("dir"));
+    let extra = "shutdown:\n  drain_timeout: 1s\n";
+    let mut relay = Proc::start(&write_config(dir.path(), &mock.base_url(), extra)).await;
+    let addr = relay.addr.clone();
+    let stalled = "[[mock:text 20]] [[mock:fault stall after=3]]";
+    let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    send(&mut ws, &create("gpt-test", stalled)).await;
+    let stream = post(
+        &addr,
+        KEY,
+        &json!({"model": "gpt-test", "stream": true, "input": stalled}),
+    )
+    .await;
+    let sse_body = tokio::spawn(async move { stream.text().await.expect("SSE body") });
+    in_turn(&addr, 2).await;
+
+    relay.signal("TERM");
+    let (events, end) = read_until_end(&mut ws).await;
+    assert_eq!((events.len(), end), (3, Some(Frame::Closed(Some(1012)))));
+    let sse = sse_events(&ended(sse_body).await);
+    let (kind, last) = sse.last().expect("SSE events");
+    assert_eq!(
+        (kind.as_str(), &last["code"]),
+        ("error", &json!("shutting_down"))
+    );
+    assert_eq!(sse.len(), 4, "three events, then the error: {sse:?}");
+    assert_eq!(exit_code(&mut relay).await, Some(0));
+    assert_eq!(statuses(dir.path()), ["shutdown", "shutdown"]);
+}
+
+/// Waits until `n` turns hold upstream contexts.
+async fn in_turn(addr: &str, n: u32) {
+    until("the turns are upstream", || {
+        let addr = addr.to_string();
+        async move {
+            scrape(&addr)
+                .await
+                .value("switchyard_upstream_pool", &[("count", "in_turn")])
+                >= f64::from(n)
+        }
+    })
+    .await;
+}
+
+async fn ended(body: tokio::task::JoinHandle<String>) -> String {
+    tokio::time::timeout(HANG_GUARD, body)
         .await
         .expect("hang guard: the SSE stream ends")
-        .expect("SSE task");
-    let events = sse_events(&sse);
-    let (kind, last) = events.last().expect("SSE events");
-    assert_eq!(kind, "error");
-    assert_eq!(last["code"], "shutting_down");
-    assert_eq!(events.len(), 4, "three events, then the error: {events:?}");
+        .expect("SSE task")
+}
 
-    let code = tokio::time::timeout(HANG_GUARD, relay.child.wait())
+async fn exit_code(relay: &mut Proc) -> Option<i32> {
+    tokio::time::timeout(HANG_GUARD, relay.child.wait())
         .await
         .expect("hang guard: exit")
-        .expect("wait");
-    assert_eq!(code.code(), Some(0));
-    let mut statuses: Vec<&str> = records(dir.path())
-        .iter()
-        .map(|r| r.status.as_str())
-        .collect();
-    statuses.sort();
-    assert_eq!(
-        statuses,
-        ["completed", "completed", "shutdown", "shutdown"],
-        "warm-up turn and drained turn completed; the late request and the cut SSE turn are `shutdown`"
-    );
+        .expect("wait")
+        .code()
+}
+
+/// The statuses of every record in the store, sorted.
+fn statuses(dir: &Path) -> Vec<&'static str> {
+    let mut s: Vec<&str> = records(dir).iter().map(|r| r.status.as_str()).collect();
+    s.sort();
+    s
 }
 
 /// OP-3: with `log.format: json` every line is a JSON object; a turn's lines carry the session
