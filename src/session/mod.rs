@@ -263,8 +263,12 @@ where
             }
             (wake, _) => wake,
         };
-        let span = s.turn_span();
-        let step = match s.handle(wake).instrument(span).await {
+        // OP-3: what a turn's wake logs is in its span; without a turn the session's is current.
+        let handled = match s.turn.as_ref().map(|t| t.span.clone()) {
+            Some(span) => s.handle(wake).instrument(span).await,
+            None => s.handle(wake).await,
+        };
+        let step = match handled {
             Step::Go => s.next_queued().await,
             other => other,
         };
