@@ -3,7 +3,9 @@
 //! is refused with its errors and the old one stays. What a reload changes applies from the
 //! next use: keys at the next request or upgrade (and sessions of a removed or disabled key
 //! close after their running turn, WS-8), accounts at the next turn, session timings for new
-//! sessions. `listen`, `admin.listen` and `store.path` need a restart.
+//! sessions, `server.*` limits for new connections, `log.format` at once. `listen`,
+//! `admin.listen`, `store.path`, `state.*`, `server.max_connections` and
+//! `shutdown.drain_timeout` need a restart.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
