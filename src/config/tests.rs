@@ -546,3 +546,36 @@ fn sc7_state_keys_and_their_checks() {
     assert!(message_at(&errs, "state.redis_prefix").contains("word"));
     assert!(!errors("state: {backend: etcd}").is_empty());
 }
+
+#[test]
+fn op_server_shutdown_and_log_keys_and_their_checks() {
+    let cfg = parse(
+        "server: {handshake_timeout: 2s, max_header_bytes: 4096, max_connections: 50}\nshutdown: {drain_timeout: 5s}\nlog: {format: json}",
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            cfg.server.handshake_timeout,
+            cfg.server.max_header_bytes,
+            cfg.server.max_connections
+        ),
+        (Duration::from_secs(2), 4096, 50)
+    );
+    assert_eq!(cfg.shutdown.drain_timeout, Duration::from_secs(5));
+    assert_eq!(cfg.log.format, crate::config::LogFormat::Json);
+    let d = parse("{}").unwrap();
+    assert_eq!(
+        (d.server.max_header_bytes, d.server.max_connections),
+        (16384, 10000)
+    );
+    assert_eq!(d.log.format, crate::config::LogFormat::Text);
+    let errs = errors(
+        "server: {handshake_timeout: 0s, max_header_bytes: 100, max_connections: 0}\nshutdown: {drain_timeout: 0s}",
+    );
+    assert_eq!(errs.len(), 4, "{errs}");
+    assert!(message_at(&errs, "server.max_header_bytes").contains("1024"));
+    assert!(message_at(&errs, "server.handshake_timeout").contains("zero"));
+    assert!(message_at(&errs, "server.max_connections").contains("zero"));
+    assert!(message_at(&errs, "shutdown.drain_timeout").contains("zero"));
+    assert!(!errors("log: {format: xml}").is_empty());
+}
