@@ -86,6 +86,8 @@ accounts:
     mode: ctx_pool
     max_conns: 1024
     concurrency: 1024
+store:
+  path: $WORK/usage.db
 EOF
     "$BIN" serve --config "$WORK/relay.yaml" >"$WORK/relay.log" 2>&1 &
     RELAY_PID=$!

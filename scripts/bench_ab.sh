@@ -27,6 +27,8 @@ accounts:
     api_key: sk-ab
     mode: ctx_pool
     max_conns: 1024
+store:
+  path: $WORK/usage.db
 Y
 REDIS_URL=${BENCH_REDIS_URL:-redis://127.0.0.1:6379}
 "$LG" mock-upstream --listen "127.0.0.1:$BASE" >"$WORK/mock.log" 2>&1 &
@@ -43,9 +45,14 @@ for _ in $(seq 1 "$REPS"); do
             printf 'state:\n  backend: redis\n  redis_url: %s\n  redis_prefix: "bench-ab:%s"\n' \
                 "$REDIS_URL" "$RANDOM$RANDOM" >>"$config"
         fi
+        # A fresh store per run: a store grown by earlier runs slows the start (spend seeding).
+        rm -f "$WORK"/usage.db*
         "${bin%+redis}" serve --config "$config" >"$WORK/relay.log" 2>&1 &
         relay=$!
-        sleep 0.5
+        for _ in $(seq 1 100); do
+            curl -sf "http://127.0.0.1:$((BASE + 2))/readyz" >/dev/null && break
+            sleep 0.1
+        done
         for scen in paced sat; do
             if [[ $scen == paced ]]; then
                 load="--sessions 10 --turns 20 --events 50 --bytes 64 --interval-us 1000"
