@@ -416,11 +416,7 @@ impl App {
         tracing::info!(sessions = self.sessions.len(), drain_timeout = ?limit, "draining");
         metrics::gauge!(crate::telemetry::metric::DRAINING).set(1.0);
         self.drain.cancel();
-        self.sessions.close();
-        if tokio::time::timeout(limit, self.sessions.wait())
-            .await
-            .is_err()
-        {
+        if !closed_within(&self.sessions, limit).await {
             tracing::warn!(
                 sessions = self.sessions.len(),
                 "drain timeout: cutting the turns still running"
@@ -428,11 +424,7 @@ impl App {
         }
         self.close_sessions().await;
         self.listener_stop.cancel();
-        self.connections.close();
-        if tokio::time::timeout(CONNECTION_CLOSE_WAIT, self.connections.wait())
-            .await
-            .is_err()
-        {
+        if !closed_within(&self.connections, CONNECTION_CLOSE_WAIT).await {
             tracing::warn!(
                 connections = self.connections.len(),
                 "client connections still open at exit"
@@ -445,11 +437,7 @@ impl App {
     async fn close_sessions(&self) {
         self.drain.cancel();
         self.shutdown.cancel();
-        self.sessions.close();
-        if tokio::time::timeout(SESSION_CLOSE_WAIT, self.sessions.wait())
-            .await
-            .is_err()
-        {
+        if !closed_within(&self.sessions, SESSION_CLOSE_WAIT).await {
             tracing::warn!(
                 open = self.sessions.len(),
                 "sessions still open at shutdown"
@@ -457,6 +445,13 @@ impl App {
         }
         self.flush_stop.cancel();
     }
+}
+
+/// Closes `tasks` to new ones and waits up to `limit` for the running ones; false if some
+/// still run.
+async fn closed_within(tasks: &TaskTracker, limit: Duration) -> bool {
+    tasks.close();
+    tokio::time::timeout(limit, tasks.wait()).await.is_ok()
 }
 
 /// The process signals the relay answers, installed before it says it is listening so none
