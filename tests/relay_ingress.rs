@@ -4,14 +4,11 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
+use common::raw_ws::{RawWs, OP_CLOSE, OP_PING, OP_TEXT};
 use common::*;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use switchyard::mock::{MockOptions, MockUpstream};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -119,127 +116,6 @@ async fn relay_keys(more_keys: &str, extra: &str) -> Env {
         )
     })
     .await
-}
-
-/// A WebSocket client written by hand, for what tokio-tungstenite will not do: send invalid
-/// UTF-8 in a text frame, or leave pings unanswered while still reading.
-struct RawWs {
-    tcp: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// What the raw client read: opcode and payload of one (unfragmented) frame.
-struct RawFrame {
-    opcode: u8,
-    payload: Vec<u8>,
-}
-
-impl RawWs {
-    /// Upgrades `GET /v1/responses` by hand with `Authorization: Bearer key`.
-    async fn connect(addr: SocketAddr, key: &str) -> RawWs {
-        let mut tcp = TcpStream::connect(addr).await.expect("tcp connect");
-        let req = format!(
-            "GET /v1/responses HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
-        );
-        tcp.write_all(req.as_bytes()).await.expect("write upgrade");
-        let mut raw = RawWs {
-            tcp,
-            buf: Vec::new(),
-        };
-        let end = loop {
-            if let Some(i) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            raw.fill().await.expect("EOF during the handshake");
-        };
-        let head = String::from_utf8_lossy(&raw.buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
-        raw.buf.drain(..end);
-        raw
-    }
-
-    /// Reads more bytes into the buffer; `None` on EOF or a reset.
-    async fn fill(&mut self) -> Option<()> {
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(HANG_GUARD, self.tcp.read(&mut chunk))
-            .await
-            .expect("hang guard: raw read")
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        Some(())
-    }
-
-    /// Writes one final, masked frame (clients must mask, RFC 6455 §5.3).
-    async fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.tcp.write_all(&frame).await.expect("raw write");
-    }
-
-    /// The next frame from the server (unmasked); `None` when the connection ended.
-    async fn read_frame(&mut self) -> Option<RawFrame> {
-        loop {
-            if let Some((frame, used)) = parse_server_frame(&self.buf) {
-                self.buf.drain(..used);
-                return Some(frame);
-            }
-            self.fill().await?;
-        }
-    }
-}
-
-/// One complete server frame at the start of `buf`, and how many bytes it took.
-fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
-    let (len, mut at) = match buf[1] & 0x7f {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
-            4,
-        ),
-        127 => (
-            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
-            10,
-        ),
-        n => (n as usize, 2),
-    };
-    let payload = buf.get(at..at + len)?.to_vec();
-    at += len;
-    Some((
-        RawFrame {
-            opcode: buf[0] & 0x0f,
-            payload,
-        },
-        at,
-    ))
-}
-
-const OP_TEXT: u8 = 0x1;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-
-fn close_code_of(f: &RawFrame) -> Option<u16> {
-    (f.payload.len() >= 2).then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]))
 }
 
 /// Reads direct from the socket until a Close frame: its code and reason.
@@ -511,7 +387,7 @@ async fn ws4_text_frame_with_invalid_utf8_closes_1007() {
     raw.send_frame(OP_TEXT, &[0xff, 0xfe]).await;
     let frame = raw.read_frame().await.expect("a Close frame before EOF");
     assert_eq!(frame.opcode, OP_CLOSE, "WS-4: expected a Close frame");
-    assert_eq!(close_code_of(&frame), Some(1007));
+    assert_eq!(frame.close_code(), Some(1007));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -756,7 +632,7 @@ async fn ws8_client_that_never_pongs_is_closed_1001() {
                 .expect("WS-8: a Close frame before EOF");
             match frame.opcode {
                 OP_PING => pings += 1,
-                OP_CLOSE => return (pings, close_code_of(&frame)),
+                OP_CLOSE => return (pings, frame.close_code()),
                 op => panic!("unexpected frame opcode {op}"),
             }
         }

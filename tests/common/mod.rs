@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod multi;
 pub mod process;
+pub mod raw_ws;
 pub mod redis;
 
 use std::time::Duration;
