@@ -379,3 +379,63 @@ fn upstream_text(req: &CreateRequest, model: &str) -> String {
     body.insert("model".into(), Value::String(model.to_string()));
     Value::Object(body).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value};
+
+    use super::upstream_text;
+    use crate::protocol::client::{self, ClientFrame};
+
+    fn fields() -> impl Strategy<Value = Map<String, Value>> {
+        let value = prop_oneof![
+            any::<String>().prop_map(Value::String),
+            any::<i64>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::Bool),
+            Just(Value::Null),
+        ];
+        prop::collection::btree_map("[a-z_]{1,10}", value, 0..8).prop_map(|m| {
+            m.into_iter()
+                .filter(|(k, _)| {
+                    !matches!(k.as_str(), "type" | "model" | "background" | "stream_id")
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        /// WS-4/WS-5 rewriting: a request with `type` and `model` goes upstream byte for byte;
+        /// one without gets exactly those two fields added and nothing else changed.
+        #[test]
+        fn rewriting_adds_only_type_and_model(
+            body in fields(),
+            has_type in any::<bool>(),
+            has_model in any::<bool>(),
+        ) {
+            let mut sent = body.clone();
+            if has_type {
+                sent.insert("type".into(), "response.create".into());
+            }
+            if has_model {
+                sent.insert("model".into(), "gpt-client".into());
+            }
+            let text = Value::Object(sent.clone()).to_string();
+            let Ok(ClientFrame::Create(req)) = client::parse(&text) else {
+                return Err(TestCaseError::fail(format!("not a request: {text}")));
+            };
+            // As `start_turn` calls it: the request's own model, else the inherited one.
+            let model = req.model().unwrap_or("gpt-inherited").to_string();
+            let out = upstream_text(&req, &model);
+            if has_type && has_model {
+                prop_assert_eq!(out, text);
+            } else {
+                let mut want = sent;
+                want.insert("type".into(), "response.create".into());
+                want.entry("model").or_insert_with(|| "gpt-inherited".into());
+                let got: Value = serde_json::from_str(&out).expect("JSON");
+                prop_assert_eq!(got, Value::Object(want));
+            }
+        }
+    }
+}
