@@ -216,6 +216,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// CT-2: a replay carries the client's numbers exactly. Found by the `replay` fuzz target:
+    /// serde_json's default float parser could land one ulp off for numbers like `6E68`.
+    #[test]
+    fn replayed_numbers_are_the_clients_own() {
+        let text = r#"{"input":[{"a":69E6,"b":66E6,"c":6E68,"d":33E6,"e":0.1,"f":1.7976931348623157e308,"g":5e-324}]}"#;
+        let Value::Object(body) = serde_json::from_str(text).unwrap() else {
+            panic!("object")
+        };
+        let items = input_items(&body);
+        let t = Transcript::advance(None, &items, Vec::new(), "a");
+        let out: Value = serde_json::from_str(&replay_body(&body, &t, &items, "a")).unwrap();
+        let reference: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(out["input"][0], reference["input"][0]);
+        assert_eq!(out["input"][0]["c"].as_f64(), Some(6e68));
+    }
+
     #[test]
     fn advance_appends_input_then_tagged_output() {
         let t1 = Transcript::advance(

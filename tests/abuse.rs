@@ -1,0 +1,278 @@
+//! Abuse from outside while a well-behaved client keeps working, against the real binary: clients
+//! that never read, slow request heads, a flood of sockets on one key, a flood of invalid
+//! frames. Each attack checks what the relay must hold (memory bounded by backpressure, heads
+//! cut at `server.handshake_timeout`, the key's socket limit, every flood answered) and that the
+//! well-behaved client is served meanwhile; its turn times are printed (`-- --nocapture`), never
+//! asserted. Sizes: `SWITCHYARD_ABUSE_CLIENTS` (default 20) and `SWITCHYARD_ABUSE_SOCKETS`
+//! (default 300).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::metrics::scrape;
+use common::process::Proc;
+use common::raw_ws::{RawWs, OP_TEXT};
+use common::*;
+use futures::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const FLOOD_KEY: &str = "sy-flood-key";
+
+fn size(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A relay config in `dir`: key `test`, key `flood` limited to `sockets` open sockets, one
+/// account on the mock.
+fn write_config(dir: &Path, mock_url: &str, sockets: usize, extra: &str) -> PathBuf {
+    let yaml = format!(
+        "listen: 127.0.0.1:0
+keys:
+  - id: test
+    key: {KEY}
+  - id: flood
+    key: {FLOOD_KEY}
+    limits: {{concurrent_sockets: {sockets}}}
+accounts:
+  - id: up
+    base_url: {mock_url}
+    api_key: sk-up
+    max_conns: 256
+    concurrency: 256
+store:
+  path: {}
+{extra}",
+        dir.join("usage.db").display()
+    );
+    let path = dir.join("switchyard.yaml");
+    std::fs::write(&path, yaml).expect("config");
+    path
+}
+
+async fn start(
+    sockets: usize,
+    extra: &str,
+) -> (switchyard::mock::MockUpstream, tempfile::TempDir, Proc) {
+    let mock = switchyard::mock::MockUpstream::start(switchyard::mock::MockOptions::default())
+        .await
+        .expect("mock");
+    let dir = tempfile::tempdir().expect("dir");
+    let relay = Proc::start(&write_config(dir.path(), &mock.base_url(), sockets, extra)).await;
+    (mock, dir, relay)
+}
+
+/// A well-behaved client's five turns on a fresh socket: all complete; their times printed.
+async fn probe(relay: &Proc, attack: &str) {
+    let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    let mut ms = Vec::new();
+    for i in 0..5 {
+        let t = Instant::now();
+        let events = turn(&mut ws, &format!("probe {i} [[mock:text 8]]")).await;
+        assert!(
+            completed(&events),
+            "{attack}: the well-behaved turn completes"
+        );
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "{attack}: well-behaved turns (ms) min {:.1} p50 {:.1} max {:.1}",
+        ms[0], ms[2], ms[4]
+    );
+}
+
+fn rss_kib(relay: &Proc) -> u64 {
+    let pid = relay.child.id().expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+/// TP-2: clients that ask for long answers and never read them hold the relay's memory to its
+/// bounded pump and socket buffers — the upstream read waits — while another client is served.
+/// Without backpressure each would buffer its whole answer (about 2 MB each here).
+#[tokio::test]
+async fn clients_that_never_read_are_held_by_backpressure() {
+    let clients = size("SWITCHYARD_ABUSE_CLIENTS", 20);
+    let (_mock, _dir, relay) = start(1000, "").await;
+    probe(&relay, "baseline").await;
+    let before = rss_kib(&relay);
+    let mut stuck = Vec::new();
+    for _ in 0..clients {
+        let mut raw = RawWs::connect(relay.addr.parse().expect("addr"), KEY).await;
+        let req = create("gpt-test", "[[mock:text 200000]] [[mock:delta 64]]");
+        raw.send_frame(OP_TEXT, req.to_string().as_bytes()).await;
+        stuck.push(raw);
+    }
+    until("every stuck turn is upstream", || async {
+        scrape(&relay.addr)
+            .await
+            .value("switchyard_upstream_pool", &[("count", "in_turn")])
+            >= clients as f64
+    })
+    .await;
+    probe(&relay, "never-reading clients").await;
+    let during = rss_kib(&relay);
+    println!(
+        "never-reading clients: {clients} stuck turns, relay RSS {before} -> {during} KiB ({} KiB per client)",
+        during.saturating_sub(before) / clients as u64
+    );
+    assert!(
+        during.saturating_sub(before) < 512 * clients as u64,
+        "bounded by backpressure: {before} -> {during} KiB for {clients} clients"
+    );
+    drop(stuck);
+    until("the stuck sessions are gone", || async {
+        scrape(&relay.addr)
+            .await
+            .value("switchyard_sessions_running", &[])
+            == 0.0
+    })
+    .await;
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// `server.handshake_timeout`: connections that send their request head a byte at a time never
+/// finish it; each is closed, and a client with a real request is served meanwhile.
+#[tokio::test]
+async fn slow_request_heads_are_cut_at_the_handshake_timeout() {
+    let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
+    let (_mock, _dir, relay) = start(1000, "server:\n  handshake_timeout: 1s\n").await;
+    let addr = relay.addr.clone();
+    let dribblers: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                let head = b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+                for b in head.iter().chain(std::iter::repeat(&b'a')) {
+                    if tcp.write_all(&[*b]).await.is_err() {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let mut buf = [0u8; 64];
+                    match tokio::time::timeout(Duration::ZERO, tcp.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return true,
+                        _ => {}
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    probe(&relay, "slow request heads").await;
+    for d in dribblers {
+        let closed = tokio::time::timeout(HANG_GUARD, d)
+            .await
+            .expect("hang guard: the relay cuts the slow head")
+            .expect("task");
+        assert!(closed);
+    }
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// SC-6 under a flood: one key opens many more sockets than its `concurrent_sockets`; exactly
+/// the limit is let in, the rest get 429, and another key is served meanwhile. Once the flood
+/// closes, the key's places are free again.
+#[tokio::test]
+async fn a_flood_of_sockets_on_one_key_is_held_to_its_limit() {
+    let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
+    let limit = 50;
+    let (_mock, _dir, relay) = start(limit, "").await;
+    let url = relay.ws_url();
+    let attempts: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { ws_connect_with(&url, FLOOD_KEY, &[]).await })
+        })
+        .collect();
+    probe(&relay, "socket flood").await;
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for a in attempts {
+        match a.await.expect("task") {
+            Ok(ws) => open.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status().as_u16(), 429);
+                refused += 1;
+            }
+            Err(e) => panic!("neither accepted nor 429: {e}"),
+        }
+    }
+    println!(
+        "socket flood: {n} upgrades on one key, {} open, {refused} refused",
+        open.len()
+    );
+    assert_eq!((open.len(), refused), (limit, n - limit));
+    drop(open);
+    until("the flood's places are free", || async {
+        ws_connect_with(&relay.ws_url(), FLOOD_KEY, &[])
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// WS-4: clients sending invalid frames as fast as they can, never reading the answers, are
+/// answered (and slowed by their own unread answers); another client is served meanwhile, and
+/// a flooding client that does read gets one `invalid_event` error per frame, in order.
+#[tokio::test]
+async fn a_flood_of_invalid_frames_is_answered_and_starves_no_one() {
+    let clients = size("SWITCHYARD_ABUSE_CLIENTS", 20);
+    let (_mock, _dir, relay) = start(1000, "").await;
+    let addr: std::net::SocketAddr = relay.addr.parse().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flooders: Vec<_> = (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut raw = RawWs::connect(addr, KEY).await;
+                let frame = common::raw_ws::Out::new(OP_TEXT, b"not json").bytes();
+                let mut sent = 0u64;
+                while !stop.is_cancelled() {
+                    let write = raw.tcp.write_all(&frame);
+                    match tokio::time::timeout(Duration::from_millis(50), write).await {
+                        Ok(Ok(())) => sent += 1,
+                        Ok(Err(_)) => break,
+                        // The relay stopped reading: its answers are unread (backpressure).
+                        Err(_) => tokio::task::yield_now().await,
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    probe(&relay, "invalid-frame flood").await;
+    stop.cancel();
+    let mut total = 0;
+    for f in flooders {
+        total += f.await.expect("flooder");
+    }
+    println!("invalid-frame flood: {clients} clients sent {total} invalid frames during the probe");
+    let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    for _ in 0..100 {
+        ws.send(Message::Text("not json".into()))
+            .await
+            .expect("send");
+    }
+    for _ in 0..100 {
+        match next_frame(&mut ws).await {
+            Frame::Event(e) => assert_eq!(e["error"]["code"], "invalid_event"),
+            other => panic!("expected an error event, got {other:?}"),
+        }
+    }
+    assert!(completed(&turn(&mut ws, "still served").await));
+    assert_eq!(relay.terminate().await, Some(0));
+}
