@@ -19,8 +19,10 @@ failed=0
 for t in $TARGETS; do
     mkdir -p "corpus/$t"
     log=$(mktemp)
+    started=$(date +%s)
     cargo fuzz run -s none "$t" "corpus/$t" -- -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
     status=$?
+    took=$(($(date +%s) - started))
     runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)
     crashes=$(find "artifacts/$t" -type f 2>/dev/null | wc -l)
     if [ "$status" -ne 0 ]; then
@@ -28,7 +30,7 @@ for t in $TARGETS; do
         tail -40 "$log"
     fi
     cargo fuzz cmin -s none "$t" "corpus/$t" >/dev/null 2>&1
-    line="$t: ${SECS} s, ${runs:-?} executions, corpus $(find "corpus/$t" -type f | wc -l) files, exit $status, $crashes artifact(s)"
+    line="$t: ${took} s of ${SECS}, ${runs:-?} executions, corpus $(find "corpus/$t" -type f | wc -l) files, exit $status, $crashes artifact(s)"
     echo "$line"
     summary+=("$line")
     rm -f "$log"
