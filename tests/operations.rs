@@ -11,7 +11,6 @@ use common::process::Proc;
 use common::*;
 use serde_json::{json, Value};
 use switchyard::usage::store::{Query, Store};
-use switchyard::usage::Status;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LIMITED: &str = "sy-limited-key";
@@ -518,9 +517,9 @@ async fn server_connections_beyond_max_connections_get_503() {
     assert!(completed(&turn(&mut b, "b still works").await));
 }
 
-/// OP-2 in process, for what a test of the binary cannot see: a passthrough socket closes with
-/// 1012 only after its running turn; an HTTP session without a request simply ends; the drain
-/// ends as soon as the last session has, well before `drain_timeout`.
+/// OP-2 in process, through `Running::terminate`: a passthrough socket closes with 1012 at once
+/// when idle and only after its running turn when busy; the drain ends as soon as the last
+/// session has, well before `drain_timeout`.
 #[tokio::test]
 async fn op2_passthrough_sockets_close_after_their_turn() {
     let env = relay_from(|url| {
@@ -561,13 +560,6 @@ async fn op2_passthrough_sockets_close_after_their_turn() {
         .await
         .expect("hang guard: the drain ends with the last session, not at drain_timeout")
         .expect("terminate");
-    let statuses: Vec<Status> = Store::open(&store_dir.path().join("usage.db"))
-        .expect("store")
-        .records(&Query::default())
-        .expect("records")
-        .into_iter()
-        .map(|r| r.status)
-        .collect();
-    assert_eq!(statuses, vec![Status::Completed, Status::Completed]);
+    assert_eq!(statuses(store_dir.path()), ["completed", "completed"]);
     drop(mock);
 }
