@@ -70,10 +70,15 @@ async fn start(
 /// A well-behaved client's five turns on a fresh socket: all complete; their times printed.
 async fn probe(relay: &Proc, attack: &str) {
     let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    probe_on(&mut ws, attack).await;
+}
+
+/// Five turns on the well-behaved client's socket `ws`: all complete; their times printed.
+async fn probe_on(ws: &mut Ws, attack: &str) {
     let mut ms = Vec::new();
     for i in 0..5 {
         let t = Instant::now();
-        let events = turn(&mut ws, &format!("probe {i} [[mock:text 8]]")).await;
+        let events = turn(ws, &format!("probe {i} [[mock:text 8]]")).await;
         assert!(
             completed(&events),
             "{attack}: the well-behaved turn completes"
@@ -274,5 +279,71 @@ async fn a_flood_of_invalid_frames_is_answered_and_starves_no_one() {
         }
     }
     assert!(completed(&turn(&mut ws, "still served").await));
+    assert_eq!(relay.terminate().await, Some(0));
+}
+
+/// `server.max_connections` under a flood of sockets: a well-behaved client already connected is
+/// served while thousands of upgrades arrive; exactly the places left are taken, every other
+/// connection is refused (503 `too_many_connections`, or closed at once while many are being
+/// refused), and once the flood leaves new clients are served again.
+#[tokio::test]
+async fn a_flood_of_sockets_is_held_to_max_connections() {
+    let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
+    let max = (n / 4).max(8);
+    let extra = format!("server:\n  max_connections: {max}\n");
+    let (_mock, _dir, relay) = start(n, &extra).await;
+    let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    assert!(completed(&turn(&mut ws, "before the flood").await));
+    let url = relay.ws_url();
+    let attempts: Vec<_> = (0..n)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { ws_connect_with(&url, KEY, &[]).await })
+        })
+        .collect();
+    probe_on(&mut ws, "connection flood").await;
+    let (mut open, mut refused, mut cut) = (Vec::new(), 0, 0);
+    for a in attempts {
+        match a.await.expect("task") {
+            Ok(ws) => open.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status().as_u16(), 503);
+                let body: serde_json::Value =
+                    serde_json::from_slice(r.body().as_deref().unwrap_or_default())
+                        .expect("a JSON body");
+                assert_eq!(body["error"]["code"], "too_many_connections");
+                refused += 1;
+            }
+            Err(_) => cut += 1,
+        }
+    }
+    println!(
+        "connection flood: {n} upgrades with max_connections {max}: {} open, {refused} refused with 503, {cut} closed unanswered",
+        open.len()
+    );
+    assert_eq!(
+        open.len(),
+        max - 1,
+        "the well-behaved socket holds one place"
+    );
+    assert!(
+        refused > 0,
+        "refusals are answered while few are refused at once"
+    );
+    probe_on(&mut ws, "max_connections reached").await;
+    drop(open);
+    until("the flood's places are free", || async {
+        ws_connect_with(&relay.ws_url(), KEY, &[]).await.is_ok()
+    })
+    .await;
+    let refusals = scrape(&relay.addr).await.value(
+        "switchyard_connections_refused_total",
+        &[("reason", "max_connections")],
+    );
+    assert!(
+        refusals as usize >= refused + cut,
+        "every refusal is counted"
+    );
+    assert!(completed(&turn(&mut ws, "after the flood").await));
     assert_eq!(relay.terminate().await, Some(0));
 }
