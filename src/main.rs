@@ -66,7 +66,11 @@ fn main() -> ExitCode {
             max_age,
             api_keys,
         } => {
-            let opts = switchyard::mock::MockOptions { max_age, api_keys };
+            let opts = switchyard::mock::MockOptions {
+                max_age,
+                api_keys,
+                ..Default::default()
+            };
             run(async move { switchyard::mock::run_standalone(listen, opts).await })
         }
         Command::Accounts(args) => switchyard::server::admin_cli::run(&args),

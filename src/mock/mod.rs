@@ -54,13 +54,21 @@ pub struct MockOptions {
     pub max_age: Duration,
     /// Accepted API keys, each its own account; empty accepts any non-empty key.
     pub api_keys: Vec<String>,
+    /// The `once=` fault names that have fired. Mocks given the same set fire each name once
+    /// between them, so a fault scripted once stays once when the relay moves the turn to
+    /// another account's mock.
+    pub fired: FiredFaults,
 }
+
+/// `once=` fault names already fired, shareable between mocks.
+pub type FiredFaults = Arc<parking_lot::Mutex<std::collections::HashSet<String>>>;
 
 impl Default for MockOptions {
     fn default() -> Self {
         MockOptions {
             max_age: Duration::from_secs(3600),
             api_keys: Vec::new(),
+            fired: FiredFaults::default(),
         }
     }
 }

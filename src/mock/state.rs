@@ -166,7 +166,7 @@ pub struct MockState {
     pub opts: MockOptions,
     stored: Mutex<HashMap<String, Arc<Stored>>>,
     reasoning_parents: Mutex<HashMap<String, String>>,
-    fired: Mutex<HashSet<String>>,
+    fired: super::FiredFaults,
     faults: Mutex<VecDeque<Fault>>,
     handshakes: Mutex<VecDeque<HandshakeFault>>,
     /// While set, every upgrade and every `POST` is refused with it (an account outage).
@@ -188,10 +188,10 @@ pub struct MockState {
 impl MockState {
     pub fn new(opts: MockOptions) -> Self {
         MockState {
+            fired: opts.fired.clone(),
             opts,
             stored: Mutex::default(),
             reasoning_parents: Mutex::default(),
-            fired: Mutex::default(),
             faults: Mutex::default(),
             handshakes: Mutex::default(),
             outage: Mutex::default(),
