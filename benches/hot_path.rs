@@ -50,6 +50,7 @@ fn turn() -> Turn {
         transport: switchyard::session::turn::Transport::CtxPool,
         ticket: None,
         bound: false,
+        parent: tracing::Span::none(),
     })
 }
 

@@ -7,6 +7,28 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
 
+/// The most characters of one outside string (a model name, an error message) a log line
+/// carries.
+const LOG_FIELD_CHARS: usize = 160;
+
+/// An outside string as it goes into a log line: control characters escaped and at most
+/// [`LOG_FIELD_CHARS`] characters, so a request can neither forge log lines nor flood the log.
+pub fn loggable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(LOG_FIELD_CHARS));
+    for (i, c) in s.chars().enumerate() {
+        if i == LOG_FIELD_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Metric names, in one place so the catalogue is easy to read.
 pub mod metric {
     pub const CLIENT_SOCKETS_OPEN: &str = "switchyard_client_sockets_open";
@@ -114,8 +136,23 @@ static FORMAT: OnceLock<reload::Handle<Formatter, tracing_subscriber::Registry>>
 
 use tracing_subscriber::reload;
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`), as text until a config says
-/// otherwise ([`set_log_format`]).
+/// Log targets of dependencies that write request heads (credentials included) at some level,
+/// and the most verbose level the relay lets through from them whatever `RUST_LOG` says.
+const SECRET_BEARING: &[(&str, tracing::Level)] = &[
+    // Every handshake request, `Authorization: Bearer <account key>` included, at TRACE.
+    ("tungstenite::handshake", tracing::Level::DEBUG),
+];
+
+/// Whether an event or span may be logged: not one of [`SECRET_BEARING`] above its cap.
+fn secret_free(meta: &tracing::Metadata<'_>) -> bool {
+    SECRET_BEARING
+        .iter()
+        .all(|(target, cap)| !meta.target().starts_with(target) || meta.level() <= cap)
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`) and never with a dependency's
+/// secret-bearing lines ([`SECRET_BEARING`]), as text until a config says otherwise
+/// ([`set_log_format`]).
 pub fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -125,6 +162,7 @@ pub fn init_logging() {
     let installed = tracing_subscriber::registry()
         .with(format)
         .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(secret_free))
         .try_init();
     if installed.is_ok() {
         let _ = FORMAT.set(handle);
@@ -148,5 +186,21 @@ fn formatter(format: LogFormat) -> Formatter {
     match format {
         LogFormat::Text => Box::new(layer),
         LogFormat::Json => Box::new(layer.json().with_current_span(true).with_span_list(true)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loggable_escapes_line_breaks_and_bounds_the_length() {
+        let forged = "gpt-x\n2026-12-07T00:00:00Z  WARN forged\r\u{1b}[31m";
+        let shown = loggable(forged);
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.starts_with("gpt-x\\n2026"), "{shown}");
+        assert_eq!(loggable("gpt-5.1-codex"), "gpt-5.1-codex");
+        let long = loggable(&"é".repeat(10_000));
+        assert_eq!(long.chars().count(), LOG_FIELD_CHARS + 1);
     }
 }

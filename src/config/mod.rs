@@ -112,6 +112,11 @@ pub struct ServerConfig {
     pub max_header_bytes: u64,
     /// Open client connections (sockets included) beyond this get 503 at once.
     pub max_connections: u64,
+    /// A request body must have arrived whole within this long after its head (each wait for
+    /// more of it is bounded by `handshake_timeout` too), else 408: a body sent a byte at a
+    /// time cannot hold a connection.
+    #[serde(deserialize_with = "value::duration")]
+    pub body_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -120,6 +125,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_header_bytes: 16384,
             max_connections: 10000,
+            body_timeout: Duration::from_secs(60),
         }
     }
 }

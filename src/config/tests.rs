@@ -550,7 +550,7 @@ fn sc7_state_keys_and_their_checks() {
 #[test]
 fn op_server_shutdown_and_log_keys_and_their_checks() {
     let cfg = parse(
-        "server: {handshake_timeout: 2s, max_header_bytes: 4096, max_connections: 50}\nshutdown: {drain_timeout: 5s}\nlog: {format: json}",
+        "server: {handshake_timeout: 2s, max_header_bytes: 4096, max_connections: 50, body_timeout: 7s}\nshutdown: {drain_timeout: 5s}\nlog: {format: json}",
     )
     .unwrap();
     assert_eq!(
@@ -561,6 +561,7 @@ fn op_server_shutdown_and_log_keys_and_their_checks() {
         ),
         (Duration::from_secs(2), 4096, 50)
     );
+    assert_eq!(cfg.server.body_timeout, Duration::from_secs(7));
     assert_eq!(cfg.shutdown.drain_timeout, Duration::from_secs(5));
     assert_eq!(cfg.log.format, crate::config::LogFormat::Json);
     let d = parse("{}").unwrap();
@@ -568,11 +569,13 @@ fn op_server_shutdown_and_log_keys_and_their_checks() {
         (d.server.max_header_bytes, d.server.max_connections),
         (16384, 10000)
     );
+    assert_eq!(d.server.body_timeout, Duration::from_secs(60));
     assert_eq!(d.log.format, crate::config::LogFormat::Text);
     let errs = errors(
-        "server: {handshake_timeout: 0s, max_header_bytes: 100, max_connections: 0}\nshutdown: {drain_timeout: 0s}",
+        "server: {handshake_timeout: 0s, max_header_bytes: 100, max_connections: 0, body_timeout: 0s}\nshutdown: {drain_timeout: 0s}",
     );
-    assert_eq!(errs.len(), 4, "{errs}");
+    assert_eq!(errs.len(), 5, "{errs}");
+    assert!(message_at(&errs, "server.body_timeout").contains("zero"));
     assert!(message_at(&errs, "server.max_header_bytes").contains("1024"));
     assert!(message_at(&errs, "server.handshake_timeout").contains("zero"));
     assert!(message_at(&errs, "server.max_connections").contains("zero"));

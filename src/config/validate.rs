@@ -154,6 +154,9 @@ fn check_server(cfg: &Config, c: &mut Checker<'_>) {
     if s.handshake_timeout.is_zero() {
         c.error("server.handshake_timeout", "must be greater than zero");
     }
+    if s.body_timeout.is_zero() {
+        c.error("server.body_timeout", "must be greater than zero");
+    }
     // A request line and the few headers every client sends.
     if s.max_header_bytes < 1024 {
         c.error("server.max_header_bytes", "must be at least 1024");

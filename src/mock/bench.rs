@@ -26,6 +26,10 @@ const MAX_BYTES: usize = 1 << 20;
 /// Largest number of deltas per response, for the same reason.
 const MAX_EVENTS: usize = 1_000_000;
 
+/// Largest whole answer (`events × bytes`): the answer text is built at once, and a request is
+/// outside input when the mock runs in the relay's own process (the embedded default).
+const MAX_TOTAL: usize = 64 << 20;
+
 /// What a bench request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BenchSpec {
@@ -49,11 +53,13 @@ impl BenchSpec {
         let events = field("bench_events")??;
         let bytes = field("bench_bytes")?.unwrap_or(64);
         let interval = field("bench_interval_us")?.unwrap_or(0);
+        let bytes = usize::try_from(bytes)
+            .ok()?
+            .clamp(STAMP_DIGITS + 1, MAX_BYTES);
+        let most = (MAX_TOTAL / bytes).min(MAX_EVENTS);
         Some(BenchSpec {
-            events: usize::try_from(events).ok()?.clamp(1, MAX_EVENTS),
-            bytes: usize::try_from(bytes)
-                .ok()?
-                .clamp(STAMP_DIGITS + 1, MAX_BYTES),
+            events: usize::try_from(events).ok()?.clamp(1, most),
+            bytes,
             interval: Duration::from_micros(interval),
         })
     }
@@ -135,6 +141,17 @@ mod tests {
             &json!({"metadata": {"bench_events": "1", "bench_bytes": "3"}}),
         );
         assert_eq!(tiny.map(|s| s.bytes), Some(STAMP_DIGITS + 1));
+    }
+
+    /// A request for a terabyte answer (seen from outside: it aborted the process) is held
+    /// to `MAX_TOTAL`.
+    #[test]
+    fn the_whole_answer_is_bounded() {
+        let huge = json!({"metadata": {"bench_events": "99999999999", "bench_bytes": "999999999"}});
+        let spec = BenchSpec::from_request(&huge).expect("a spec");
+        assert_eq!(spec.bytes, MAX_BYTES);
+        assert!(spec.events * spec.bytes <= MAX_TOTAL, "{spec:?}");
+        assert!(spec.events >= 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The mock's `POST /v1/responses`: SSE when `stream:true`, else the final response as JSON.
 //! Chaining works only through stored responses (there is no connection cache over HTTP).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,12 @@ use super::state::{MockState, SeenRequest, StreamEnd};
 use super::ws::{connection_limit, status_error};
 use crate::protocol::frames::{sse_error, sse_event};
 
-pub async fn create(state: Arc<MockState>, account: String, body: Bytes) -> Response {
+pub async fn create(
+    state: Arc<MockState>,
+    account: String,
+    headers: HashMap<String, String>,
+    body: Bytes,
+) -> Response {
     state.with_log(|l| l.http_requests += 1);
     let req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
@@ -36,6 +42,7 @@ pub async fn create(state: Arc<MockState>, account: String, body: Bytes) -> Resp
             conn: 0,
             account: account.clone(),
             body: req.clone(),
+            headers,
         })
     });
     let directives = engine::request_directives(&req);

@@ -209,6 +209,15 @@ fn bearer(headers: &HeaderMap) -> &str {
         .unwrap_or("")
 }
 
+/// A request's headers as the log keeps them: text values only, never `Authorization`.
+fn seen_headers(headers: &HeaderMap) -> std::collections::HashMap<String, String> {
+    headers
+        .iter()
+        .filter(|(k, _)| *k != header::AUTHORIZATION)
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
 fn unauthorized() -> Response {
     let body = json!({"error": {"type": "invalid_request_error", "code": "invalid_api_key",
         "message": "Incorrect API key provided.", "param": null}});
@@ -230,11 +239,7 @@ async fn upgrade(
         return unauthorized();
     };
     let conn = state.next_conn();
-    let seen = headers
-        .iter()
-        .filter(|(k, _)| *k != header::AUTHORIZATION)
-        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-        .collect();
+    let seen = seen_headers(&headers);
     let path = uri.0.path().to_string();
     state.with_log(|l| {
         l.upgrades.push(state::SeenUpgrade {
@@ -283,7 +288,7 @@ async fn create(State(state): Shared, headers: HeaderMap, body: Bytes) -> Respon
         return handshake_refusal(&f);
     }
     match state.account_for(bearer(&headers)) {
-        Some(account) => http::create(state, account, body).await,
+        Some(account) => http::create(state, account, seen_headers(&headers), body).await,
         None => unauthorized(),
     }
 }

@@ -1,7 +1,7 @@
 //! State shared by all connections of one mock upstream: stored responses per account, the
 //! fault queues, and the log of what the mock saw (the tests' window into the upstream side).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -36,6 +36,9 @@ pub struct SeenRequest {
     pub conn: u64,
     pub account: String,
     pub body: Value,
+    /// An HTTP request's headers (`Authorization` left out, as for upgrades); empty for a
+    /// request on a WebSocket, whose headers are its upgrade's.
+    pub headers: HashMap<String, String>,
 }
 
 /// How the stream of one response ended, as the mock saw it.

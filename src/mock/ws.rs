@@ -224,6 +224,7 @@ impl Conn {
                 conn: self.id,
                 account: self.account.clone(),
                 body: req.clone(),
+                headers: Default::default(),
             })
         });
         if self.started.elapsed() >= self.state.opts.max_age {

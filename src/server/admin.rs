@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -62,11 +62,7 @@ fn check(app: &App, headers: &HeaderMap) -> Result<(), Box<Response>> {
             "The admin API is off: set admin.token.",
         )));
     };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented = super::auth::bearer(headers).unwrap_or("");
     let same = presented.as_bytes().ct_eq(token.expose().as_bytes());
     if presented.is_empty() || !bool::from(same) {
         return Err(Box::new(refuse(
@@ -142,20 +138,36 @@ async fn change(
     Json(view(app, account)).into_response()
 }
 
+/// An account id from the path; a path that is not one (invalid UTF-8, say) is answered like
+/// an unknown account, after the token check.
+type AccountPath = Result<Path<String>, axum::extract::rejection::PathRejection>;
+
+fn account_id(p: AccountPath) -> String {
+    p.map(|Path(id)| id).unwrap_or_default()
+}
+
+/// The largest admin request body: `{"mode": "..."}` needs a few bytes.
+const ADMIN_BODY_LIMIT: usize = 64 * 1024;
+
 async fn set_mode(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    id: AccountPath,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
+    // The token first: nobody without it gets a byte of the body read.
+    if let Err(r) = check(&app, &headers) {
+        return *r;
+    }
+    let body = match super::body::read(&headers, body, ADMIN_BODY_LIMIT, &app.cfg().server).await {
+        Ok(b) => b,
+        Err(e) => return e.response("the admin API's 64 KiB"),
+    };
     let mode = serde_json::from_slice::<Value>(&body)
         .ok()
         .and_then(|v| v.get("mode").and_then(Value::as_str).map(str::to_string))
         .filter(|m| AccountMode::parse(m).is_some());
     let Some(mode) = mode else {
-        if let Err(r) = check(&app, &headers) {
-            return *r;
-        }
         return refuse(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
@@ -163,41 +175,28 @@ async fn set_mode(
             "The body must be {\"mode\": \"ctx_pool\" | \"passthrough\" | \"http\"}.",
         );
     };
-    change(&app, &headers, &id, |o| o.mode = Some(mode)).await
+    change(&app, &headers, &account_id(id), |o| o.mode = Some(mode)).await
 }
 
-async fn enable(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    change(&app, &headers, &id, |o| {
+async fn enable(State(app): State<Arc<App>>, id: AccountPath, headers: HeaderMap) -> Response {
+    change(&app, &headers, &account_id(id), |o| {
         o.enabled = Some(true);
         o.draining = Some(false);
     })
     .await
 }
 
-async fn disable(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    change(&app, &headers, &id, |o| o.enabled = Some(false)).await
+async fn disable(State(app): State<Arc<App>>, id: AccountPath, headers: HeaderMap) -> Response {
+    change(&app, &headers, &account_id(id), |o| o.enabled = Some(false)).await
 }
 
-async fn drain(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    change(&app, &headers, &id, |o| o.draining = Some(true)).await
+async fn drain(State(app): State<Arc<App>>, id: AccountPath, headers: HeaderMap) -> Response {
+    change(&app, &headers, &account_id(id), |o| o.draining = Some(true)).await
 }
 
-async fn clear(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    change(&app, &headers, &id, |o| *o = Override::default()).await
+async fn clear(State(app): State<Arc<App>>, id: AccountPath, headers: HeaderMap) -> Response {
+    change(&app, &headers, &account_id(id), |o| {
+        *o = Override::default()
+    })
+    .await
 }

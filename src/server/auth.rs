@@ -18,17 +18,21 @@ use crate::upstream::Identity;
 /// The key presented as `Authorization: Bearer <key>`, or a refusal: 401 when missing or
 /// unknown, 403 when disabled (an OpenAI-shaped JSON body either way).
 pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<KeyConfig, Box<Response>> {
-    let presented = bearer(headers);
-    if presented.is_empty() {
+    let Some(presented) = bearer(headers) else {
         return Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
             "missing_api_key",
             "No API key provided: send Authorization: Bearer <key>.",
         )));
-    }
+    };
     let cfg = app.cfg();
-    let Some(key) = cfg.find_key(presented).cloned() else {
+    // An empty credential (another scheme, a garbled header) matches nothing, not even a
+    // `key_sha256` of the empty string.
+    let found = Some(presented)
+        .filter(|p| !p.is_empty())
+        .and_then(|p| cfg.find_key(p).cloned());
+    let Some(key) = found else {
         return Err(Box::new(refuse(
             StatusCode::UNAUTHORIZED,
             "invalid_request_error",
@@ -47,15 +51,19 @@ pub fn authenticate(app: &App, headers: &HeaderMap) -> Result<KeyConfig, Box<Res
     Ok(key)
 }
 
-fn bearer(h: &HeaderMap) -> &str {
-    h.get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .unwrap_or("")
+/// The credential of `Authorization: Bearer <credential>` (the scheme in any case): `None`
+/// without the header; `Some("")` when it holds something else (another scheme, bytes that
+/// are not text), which no key or token matches.
+pub fn bearer(h: &HeaderMap) -> Option<&str> {
+    let value = h.get(header::AUTHORIZATION)?;
+    let credential = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, rest)| rest.trim())
+        .unwrap_or("");
+    Some(credential)
 }
 
 /// An error answer before any session exists.

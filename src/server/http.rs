@@ -92,17 +92,11 @@ pub async fn create(State(app): State<Arc<App>>, headers: HeaderMap, body: Body)
         Err(refusal) => return *refusal,
     };
     // WS-6's limit for HTTP bodies, read only once the key is known.
-    let limit = usize::try_from(app.cfg().limits.max_client_message_bytes).unwrap_or(usize::MAX);
-    let body = match axum::body::to_bytes(body, limit).await {
+    let cfg = app.cfg();
+    let limit = usize::try_from(cfg.limits.max_client_message_bytes).unwrap_or(usize::MAX);
+    let body = match super::body::read(&headers, body, limit, &cfg.server).await {
         Ok(bytes) => bytes,
-        Err(_) => {
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "request_too_large",
-                "The request body is over limits.max_client_message_bytes (or was cut short).",
-            )
-        }
+        Err(e) => return e.response("limits.max_client_message_bytes"),
     };
     let mut req: Map<String, Value> = match serde_json::from_slice(&body) {
         Ok(Value::Object(m)) => m,

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod admin_cli;
 pub mod auth;
+pub mod body;
 pub mod embedded;
 pub mod http;
 pub mod listener;
@@ -148,7 +149,10 @@ async fn spawn_admin(app: &Arc<App>) -> anyhow::Result<Option<SocketAddr>> {
     let listener = tokio::net::TcpListener::bind(at).await?;
     let addr = listener.local_addr()?;
     let (router, stop) = (
-        admin::routes().with_state(app.clone()),
+        admin::routes()
+            .fallback(ops::not_found)
+            .method_not_allowed_fallback(ops::method_not_allowed)
+            .with_state(app.clone()),
         app.shutdown.clone(),
     );
     tokio::spawn(async move {
@@ -540,5 +544,7 @@ fn routes(app: Arc<App>) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(app)
 }

@@ -80,3 +80,25 @@ fn live_counts(app: &App) {
     }
     metrics::gauge!(metric::USAGE_PENDING).set(app.usage.pending() as f64);
 }
+
+/// Any other path: an OpenAI-shaped 404, so every answer of the relay is JSON.
+pub async fn not_found() -> Response {
+    let body = crate::protocol::frames::http_error_body(
+        "invalid_request_error",
+        "not_found",
+        "No such path on this relay.",
+        None,
+    );
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}
+
+/// A known path with a method it does not serve: an OpenAI-shaped 405.
+pub async fn method_not_allowed() -> Response {
+    let body = crate::protocol::frames::http_error_body(
+        "invalid_request_error",
+        "method_not_allowed",
+        "This path does not take that method.",
+        None,
+    );
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}

@@ -196,6 +196,7 @@ impl Session {
             retry_budget: self.p.cfg.upstream.retry_budget,
             ticket: Some(choice.ticket),
             bound: bound.is_some(),
+            parent: self.span.clone(),
             transport: if http {
                 super::turn::Transport::Http
             } else {

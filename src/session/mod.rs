@@ -117,6 +117,9 @@ enum Step {
 
 struct Session {
     p: SessionParams,
+    /// The session's span: every turn's span is its child, never the previous turn's (a
+    /// preemption starts the next turn while the cut one's span is entered).
+    span: tracing::Span,
     out: Outbox,
     last_model: Option<String>,
     last_response_id: Option<String>,
@@ -191,6 +194,7 @@ where
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut s = Session {
         p,
+        span: tracing::Span::current(),
         out,
         last_model: None,
         last_response_id: None,

@@ -271,6 +271,7 @@ impl Session {
             transport: super::turn::Transport::Passthrough,
             ticket: None,
             bound: false,
+            parent: self.span.clone(),
         });
         t.mark_written(text.len());
         Some(t)

@@ -11,7 +11,7 @@ use super::{Session, Step};
 use crate::error::{RelayError, Side};
 use crate::protocol::classify::{classify_error_event, Classified, ErrorClass};
 use crate::protocol::peek::{self, EventClass};
-use crate::telemetry::metric;
+use crate::telemetry::{loggable, metric};
 use crate::tuning;
 use crate::upstream::{UpEnd, UpFrame};
 
@@ -287,7 +287,7 @@ impl Session {
         self.silent_at = None;
         metrics::counter!(metric::RETRIES).increment(1);
         let moved = account.id != turn.account_id;
-        tracing::info!(reason = %why, attempt = turn.attempts + 1, from = %turn.account_id, to = %account.id, "retrying the turn on a fresh context");
+        tracing::info!(reason = %loggable(why), attempt = turn.attempts + 1, from = %turn.account_id, to = %account.id, "retrying the turn on a fresh context");
         if moved {
             metrics::counter!(metric::FAILOVERS, "from" => turn.account_id.clone(), "to" => account.id.clone())
                 .increment(1);
@@ -317,7 +317,7 @@ impl Session {
 
     /// Ends the running turn with a relay-made error frame.
     pub(super) fn fail_turn(&mut self, e: RelayError) -> Step {
-        tracing::warn!(side = e.side.as_str(), code = %e.code, message = %e.message, "turn failed");
+        tracing::warn!(side = e.side.as_str(), code = %e.code, message = %loggable(&e.message), "turn failed");
         self.out.push_json(&e.ws_frame());
         self.end_turn(Ending::by_error(TurnStatus::UpstreamLost, &e));
         Step::Go

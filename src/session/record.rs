@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use super::turn::{Turn, TurnStatus};
 use super::Session;
 use crate::error::{RelayError, Side};
-use crate::telemetry::metric;
+use crate::telemetry::{loggable, metric};
 use crate::usage::{self, Record, TimingsMs, Tokens};
 
 /// A `response.create` as read: what its record needs whatever becomes of it.
@@ -94,7 +94,7 @@ impl Session {
             parent: &turn.span,
             request_id = %r.request_id,
             turn = r.seq,
-            model = %turn.model,
+            model = %loggable(&turn.model),
             account = %turn.account_id,
             warm_up = r.warm_up,
             status = r.status.as_str(),

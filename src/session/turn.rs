@@ -5,6 +5,7 @@ use tokio::time::Instant;
 
 use crate::protocol::classify;
 use crate::protocol::peek::EventClass;
+use crate::telemetry::loggable;
 use crate::usage::estimate::{delta_bytes, tokens_for};
 use crate::usage::{TimingsMs as Timings, Tokens};
 
@@ -105,6 +106,8 @@ pub struct TurnStart {
     /// None for a passthrough socket's turns, which are watched, not scheduled.
     pub ticket: Option<crate::scheduler::health::Ticket>,
     pub bound: bool,
+    /// The session's span, the turn span's parent.
+    pub parent: tracing::Span,
 }
 
 impl Turn {
@@ -112,10 +115,11 @@ impl Turn {
         let warm_up = t.body.get("generate").and_then(Value::as_bool) == Some(false);
         let new_items = super::transcript::input_items(&t.body);
         let span = tracing::info_span!(
+            parent: &t.parent,
             "turn",
             request_id = %t.request_id,
             seq = t.seq,
-            model = %t.model,
+            model = %loggable(&t.model),
             account = %t.account_id,
         );
         Turn {
@@ -358,6 +362,7 @@ mod tests {
             transport: Transport::CtxPool,
             ticket: None,
             bound: false,
+            parent: tracing::Span::none(),
         })
     }
 

@@ -2,6 +2,9 @@
 //! shows: signals, `kill -9`, exit codes.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::process::Stdio;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -14,36 +17,49 @@ pub struct Proc {
     pub child: tokio::process::Child,
     pub addr: String,
     log: mpsc::UnboundedReceiver<String>,
+    /// Every line the process wrote so far, read by [`Proc::wait_log`] or not.
+    all: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
     /// Starts `switchyard serve --config` on a config in `dir`, waiting until it listens.
     pub async fn start(config: &Path) -> Proc {
+        Proc::start_with(config, &[("RUST_LOG", "info")]).await
+    }
+
+    /// The same with `env` set for the process; its stdout and stderr lines both reach the log.
+    pub async fn start_with(config: &Path, env: &[(&str, &str)]) -> Proc {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["serve", "--config"])
             .arg(config)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn switchyard serve");
         let (tx, mut log) = mpsc::unbounded_channel();
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
+        let all = Arc::new(Mutex::new(Vec::new()));
+        forward_lines(
+            child.stderr.take().expect("stderr"),
+            tx.clone(),
+            all.clone(),
+        );
+        forward_lines(child.stdout.take().expect("stdout"), tx, all.clone());
         let line = wait_line(&mut log, "switchyard listening").await;
         let at = line.find("127.0.0.1:").expect("listen address in the log");
         let addr: String = line[at..]
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect();
-        Proc { child, addr, log }
+        Proc {
+            child,
+            addr,
+            log,
+            all,
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -64,6 +80,24 @@ impl Proc {
         wait_line(&mut self.log, needle).await
     }
 
+    /// Sends SIGTERM, waits for the exit and the end of its output, and returns the exit code
+    /// and every line the process wrote.
+    pub async fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        self.signal("TERM");
+        let status = tokio::time::timeout(HANG_GUARD, self.child.wait())
+            .await
+            .expect("hang guard: exit after SIGTERM")
+            .expect("wait");
+        // The channel closes when both readers have reached the end of the output.
+        while tokio::time::timeout(HANG_GUARD, self.log.recv())
+            .await
+            .expect("hang guard: the output ends")
+            .is_some()
+        {}
+        let lines = std::mem::take(&mut *self.all.lock());
+        (status.code(), lines)
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub async fn terminate(mut self) -> Option<i32> {
         self.signal("TERM");
@@ -73,6 +107,20 @@ impl Proc {
             .expect("wait");
         status.code()
     }
+}
+
+fn forward_lines(
+    out: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    tx: mpsc::UnboundedSender<String>,
+    all: Arc<Mutex<Vec<String>>>,
+) {
+    let mut lines = BufReader::new(out).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            all.lock().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
 }
 
 pub async fn wait_line(log: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> String {

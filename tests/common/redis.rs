@@ -20,23 +20,37 @@ pub fn prefix(test: &str) -> String {
 /// A `redis-server` child without persistence: a restart starts empty, like a lost Redis.
 pub struct RedisServer {
     pub port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts one on a free port.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(None)
+    }
+
+    /// Starts one that wants `password` (`requirepass`) when given.
+    pub fn start_with(password: Option<&str>) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut r = RedisServer { port, child: None };
+        let mut r = RedisServer {
+            port,
+            password: password.map(str::to_string),
+            child: None,
+        };
         r.restart();
         r
     }
 
+    /// The URL a client uses, the password included.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Kills it (SIGKILL: nothing is saved) and waits until its port refuses.
@@ -50,9 +64,13 @@ impl RedisServer {
     /// Starts it again on the same port and waits until it answers `PING`.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(p) = &self.password {
+            cmd.args(["--requirepass", p]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,6 +91,13 @@ impl RedisServer {
             return false;
         };
         let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+        if let Some(p) = &self.password {
+            let mut ok = [0u8; 5];
+            let auth = format!("AUTH {p}\r\n");
+            if c.write_all(auth.as_bytes()).is_err() || c.read_exact(&mut ok).is_err() {
+                return false;
+            }
+        }
         let mut buf = [0u8; 7];
         c.write_all(b"PING\r\n").is_ok() && c.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
     }
