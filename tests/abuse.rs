@@ -347,3 +347,91 @@ async fn a_flood_of_sockets_is_held_to_max_connections() {
     assert!(completed(&turn(&mut ws, "after the flood").await));
     assert_eq!(relay.terminate().await, Some(0));
 }
+
+/// TP-5 abused: one client sends thousands of `response.create` in a row, each preempting the
+/// last, without reading, then leaves. The relay stays up (each turn's span is the session's
+/// child, so nothing nests per preemption), another client is served meanwhile and after, and
+/// every request is answered or recorded.
+#[tokio::test]
+async fn thousands_of_preemptions_in_a_row_take_nothing_down() {
+    let n = size("SWITCHYARD_ABUSE_PREEMPTS", 1500);
+    let (_mock, dir, relay) = start(1000, "").await;
+    let mut raw = RawWs::connect(relay.addr.parse().expect("addr"), KEY).await;
+    let req = create("gpt-test", "[[mock:text 2000]] [[mock:fault slow 5ms]]").to_string();
+    for _ in 0..n {
+        raw.send_frame(OP_TEXT, req.as_bytes()).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    probe(&relay, "preemption flood").await;
+    drop(raw);
+    until("the flooding session is gone", || async {
+        scrape(&relay.addr)
+            .await
+            .value("switchyard_sessions_running", &[])
+            == 0.0
+    })
+    .await;
+    probe(&relay, "after the preemption flood").await;
+    let (code, lines) = relay.finish().await;
+    assert_eq!(code, Some(0), "the relay exits cleanly after the flood");
+    let longest = lines.iter().map(String::len).max().unwrap_or(0);
+    assert!(
+        longest < 4096,
+        "log lines do not grow with preemptions: {longest} bytes"
+    );
+    let store = switchyard::usage::store::Store::open(&dir.path().join("usage.db")).expect("store");
+    let records = store
+        .records(&switchyard::usage::store::Query::default())
+        .expect("records");
+    println!("preemption flood: {n} requests on one socket; {} records in all, longest log line {longest} bytes", records.len());
+    // The flood's n requests and the probes' ten turns, each recorded once.
+    assert_eq!(records.len(), n + 10, "one usage record per request");
+}
+
+/// `server.body_timeout`: connections that send a request head and then trickle its body a
+/// byte at a time are answered 408 and closed at the deadline, so they cannot hold the
+/// listener's connections; a client is served meanwhile.
+#[tokio::test]
+async fn slow_request_bodies_are_cut_at_the_body_timeout() {
+    let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
+    let extra = "server:\n  handshake_timeout: 1s\n  body_timeout: 2s\n";
+    let (_mock, _dir, relay) = start(1000, extra).await;
+    let addr = relay.addr.clone();
+    let trickles: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+                let head = format!(
+                    "POST /v1/responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: 100000\r\n\r\n"
+                );
+                tcp.write_all(head.as_bytes()).await.expect("head");
+                let mut answer = Vec::new();
+                loop {
+                    if tcp.write_all(b" ").await.is_err() {
+                        break;
+                    }
+                    let read = tokio::time::timeout(Duration::from_millis(200), tcp.read_to_end(&mut answer));
+                    if read.await.is_ok() {
+                        break;
+                    }
+                }
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    probe(&relay, "slow request bodies").await;
+    let mut timed_out = 0;
+    for t in trickles {
+        let answer = tokio::time::timeout(HANG_GUARD, t)
+            .await
+            .expect("hang guard: the relay cuts the slow body")
+            .expect("task");
+        if answer.starts_with("HTTP/1.1 408") {
+            timed_out += 1;
+        }
+    }
+    println!("slow request bodies: {n} trickled bodies, {timed_out} answered 408");
+    assert_eq!(timed_out, n, "every trickled body is answered 408");
+    assert_eq!(relay.terminate().await, Some(0));
+}

@@ -426,6 +426,50 @@ async fn op3_json_logs_carry_session_and_turn_spans_and_reload_to_text() {
     assert_eq!(relay.terminate().await, Some(0));
 }
 
+/// OP-3, TP-5: a turn that preempts another is the session's child, not the cut turn's: after
+/// many preemptions in a row every turn's log line carries one turn span. (Spans nested one
+/// per preemption made the log grow with the square of their number, and dropping a deep
+/// enough chain overflowed the stack.)
+#[tokio::test]
+async fn op3_a_preempting_turn_is_a_sibling_of_the_turn_it_cuts() {
+    let (mock, dir) = (mock().await, tempfile::tempdir().expect("dir"));
+    let config = write_config(dir.path(), &mock.base_url(), "log:\n  format: json\n");
+    let relay = Proc::start(&config).await;
+    let mut ws = ws_connect(&relay.ws_url(), KEY).await;
+    for _ in 0..20 {
+        send(
+            &mut ws,
+            &create("gpt-test", "[[mock:text 500]] [[mock:fault slow 5ms]]"),
+        )
+        .await;
+        first_event(&mut ws).await;
+    }
+    assert!(completed(&turn(&mut ws, "[[mock:text 2]]").await));
+    drop(ws);
+    let (code, lines) = relay.finish().await;
+    assert_eq!(code, Some(0));
+    let ended: Vec<Value> = lines
+        .iter()
+        .filter(|l| l.contains("turn ended"))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(ended.len(), 21, "one line per turn");
+    for v in &ended {
+        let turns = v["spans"]
+            .as_array()
+            .expect("spans")
+            .iter()
+            .filter(|s| s["name"] == "turn")
+            .count();
+        assert_eq!(turns, 1, "{v}");
+    }
+}
+
+/// Reads until the running turn's first event.
+async fn first_event(ws: &mut Ws) {
+    assert!(matches!(next_frame(ws).await, Frame::Event(_)));
+}
+
 /// SPEC §2 `server.max_header_bytes`: a larger request head gets 431; a normal one is served.
 #[tokio::test]
 async fn server_oversized_request_heads_get_431() {
@@ -470,6 +514,100 @@ async fn server_a_request_head_not_finished_in_time_is_disconnected() {
         matches!(n, Ok(0) | Err(_)),
         "closed without an answer: {n:?}"
     );
+}
+
+/// Sends `head` then `body` on a fresh connection and reads the answer to its end: the status
+/// and the JSON body. `gap` between body bytes (none: all at once).
+async fn raw_request(
+    addr: &str,
+    head: &str,
+    body: &[u8],
+    gap: Option<std::time::Duration>,
+) -> (u16, Value) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    match gap {
+        None => {
+            let _ = tcp.write_all(body).await;
+        }
+        Some(gap) => {
+            for b in body {
+                if tcp.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(gap).await;
+            }
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, tcp.read_to_end(&mut answer))
+        .await
+        .expect("hang guard: an answer");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b.trim()).ok())
+        .unwrap_or_else(|| panic!("no JSON body: {text:?}"));
+    (status, json)
+}
+
+fn post_head(path: &str, auth: &str, length: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {auth}\r\ncontent-type: application/json\r\n{length}connection: close\r\n\r\n"
+    )
+}
+
+/// SPEC §2 `server.body_timeout` and the body limits: a declared length over the limit is 413
+/// before any byte of the body (keyed or not: the admin API reads nothing before its token);
+/// a body that stalls for `handshake_timeout` or trickles past `body_timeout` is 408; broken
+/// chunked framing is 400. Paths and methods the relay does not serve are JSON 404 and 405.
+/// A normal request is served afterwards.
+#[tokio::test]
+async fn server_request_bodies_are_bounded_in_size_and_time() {
+    let env = relay(
+        "server:\n  handshake_timeout: 300ms\n  body_timeout: 1s\nlimits:\n  max_client_message_bytes: 4096\nadmin:\n  token: adm-tok\n",
+    )
+    .await;
+    let addr = env.relay.addr.to_string();
+    let code = |v: &Value| v["error"]["code"].as_str().map(str::to_string);
+    let huge = "content-length: 1073741824\r\n";
+    let (s, b) = raw_request(&addr, &post_head("/v1/responses", KEY, huge), b"", None).await;
+    assert_eq!((s, code(&b)), (413, Some("request_too_large".into())));
+    let admin = post_head("/admin/v1/accounts/up/mode", "wrong", huge);
+    let (s, b) = raw_request(&addr, &admin, b"", None).await;
+    assert_eq!((s, code(&b)), (401, Some("invalid_admin_token".into())));
+    let stalled = post_head("/v1/responses", KEY, "content-length: 100\r\n");
+    let (s, b) = raw_request(&addr, &stalled, b"{\"model\"", None).await;
+    assert_eq!((s, code(&b)), (408, Some("request_timeout".into())));
+    let trickle = vec![b' '; 1000];
+    let gap = Some(std::time::Duration::from_millis(50));
+    let (s, b) = raw_request(&addr, &stalled.replace("100", "1000"), &trickle, gap).await;
+    assert_eq!((s, code(&b)), (408, Some("request_timeout".into())));
+    let chunked = post_head("/v1/responses", KEY, "transfer-encoding: chunked\r\n");
+    let (s, b) = raw_request(&addr, &chunked, b"zz\r\n{}\r\n0\r\n\r\n", None).await;
+    assert_eq!((s, code(&b)), (400, Some("invalid_body".into())));
+    let (s, b) = raw_request(
+        &addr,
+        "GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"",
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&b)), (404, Some("not_found".into())));
+    let delete = "DELETE /v1/responses HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let (s, b) = raw_request(&addr, delete, b"", None).await;
+    assert_eq!((s, code(&b)), (405, Some("method_not_allowed".into())));
+    let ok = post(
+        &addr,
+        KEY,
+        &json!({"model": "gpt-test", "input": "[[mock:text 2]]"}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
 }
 
 /// SPEC §2 `server.max_connections`: open sockets count; one more connection gets 503
