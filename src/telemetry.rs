@@ -32,6 +32,8 @@ pub fn loggable(s: &str) -> String {
 /// Metric names, in one place so the catalogue is easy to read.
 pub mod metric {
     pub const CLIENT_SOCKETS_OPEN: &str = "switchyard_client_sockets_open";
+    /// HTTP sessions (HS-2) alive, idle ones included.
+    pub const HTTP_SESSIONS_OPEN: &str = "switchyard_http_sessions_open";
     pub const UPGRADES_REFUSED: &str = "switchyard_ws_upgrades_refused_total";
     pub const CLIENT_FRAMES_REFUSED: &str = "switchyard_client_frames_refused_total";
     pub const CLOSE_CODES_SENT: &str = "switchyard_close_codes_sent_total";

@@ -349,3 +349,72 @@ async fn hs_oversized_body_gets_413_json() {
     assert_eq!(ok.status(), 200);
     assert_eq!(env.records_when(1).await.len(), 1);
 }
+
+/// SC-6 and HS-2: a key holds at most `concurrent_sockets` HTTP sessions, as it holds at most
+/// that many sockets. One more ends the key's least recently used idle session (a request
+/// chained on it then gets 400 `previous_response_not_found`, on which Codex resends its full
+/// input), never a session with a request running, and never another key's.
+#[tokio::test]
+async fn sc6_a_key_holds_at_most_concurrent_sockets_http_sessions() {
+    let env = relay_from(|url| {
+        format!(
+            "listen: 127.0.0.1:0\nkeys:\n  - id: test\n    key: {KEY}\n    limits: {{concurrent_sockets: 3}}\n  - id: other\n    key: sy-other\naccounts:\n  - id: up\n    base_url: {url}\n    api_key: sk-up\n"
+        )
+    })
+    .await;
+    let ask = |key: &'static str, session: String, v: Value| {
+        reqwest::Client::new()
+            .post(env.http_url("/v1/responses"))
+            .bearer_auth(key)
+            .header("session-id", session)
+            .json(&v)
+            .send()
+    };
+    let first = |key, s: &str| ask(key, s.to_string(), body("hi [[mock:text 2]]", false));
+    let chain = |key, s: &str, id: &Value| {
+        let mut v = body("again [[mock:text 2]]", false);
+        v["previous_response_id"] = id.clone();
+        ask(key, s.to_string(), v)
+    };
+    let id_of =
+        |r: reqwest::Response| async move { r.json::<Value>().await.unwrap()["id"].clone() };
+    let other = id_of(first("sy-other", "o").await.unwrap()).await;
+    let mut ids = Vec::new();
+    for k in 0..6 {
+        ids.push(id_of(first(KEY, &format!("s{k}")).await.unwrap()).await);
+        assert_eq!(
+            env.relay.app.http_sessions.len(),
+            1 + (k + 1).min(3),
+            "after s{k}"
+        );
+    }
+    // A request running on s5 keeps it: three new sessions end s3 and s4, and then the third
+    // finds no idle one to end and goes over rather than cut a running request.
+    let busy = ask(
+        KEY,
+        "s5".into(),
+        body("[[mock:text 60]] [[mock:fault slow 20ms]]", false),
+    );
+    let busy = tokio::spawn(busy);
+    eventually(|| env.mock.log().requests.len() == 8).await;
+    for k in 6..9 {
+        first(KEY, &format!("s{k}")).await.unwrap();
+    }
+    let busy = id_of(busy.await.unwrap().unwrap()).await;
+    let gone = chain(KEY, "s0", &ids[0]).await.unwrap();
+    assert_eq!(gone.status(), 400);
+    assert_eq!(
+        gone.json::<Value>().await.unwrap()["error"]["code"],
+        "previous_response_not_found"
+    );
+    assert_eq!(
+        chain(KEY, "s5", &busy).await.unwrap().status(),
+        200,
+        "the busy session stayed"
+    );
+    assert_eq!(
+        chain("sy-other", "o", &other).await.unwrap().status(),
+        200,
+        "another key's stayed"
+    );
+}

@@ -169,9 +169,32 @@ fn open_session(
     if let Some(s) = map.get(&sk).filter(|s| !s.end.is_cancelled()) {
         return (s.clone(), Some(sk));
     }
+    if let Some(cap) = key.limits.concurrent_sockets {
+        make_room(&mut map, &key.id, cap);
+    }
     let s = start_session(app, key, headers);
     map.insert(sk.clone(), s.clone());
     (s, Some(sk))
+}
+
+/// SC-6 for HTTP: a key holds at most `concurrent_sockets` HTTP sessions, as it holds at most
+/// that many sockets. Before one more starts, the key's least recently used idle sessions end
+/// (a chained request to one of them then gets 400 `previous_response_not_found`, on which
+/// Codex resends its full input); sessions with a request running are never ended here.
+fn make_room(map: &mut HashMap<String, Arc<HttpSession>>, key_id: &str, cap: usize) {
+    let prefix = format!("{key_id}\u{0}");
+    let mut idle: Vec<(Instant, String)> = Vec::new();
+    let mut held = 0usize;
+    for (sk, s) in map.iter().filter(|(sk, _)| sk.starts_with(&prefix)) {
+        held += 1;
+        if s.queued.load(Ordering::Relaxed) == 0 {
+            idle.push((*s.last_used.lock(), sk.clone()));
+        }
+    }
+    idle.sort_unstable();
+    for (_, sk) in idle.into_iter().take((held + 1).saturating_sub(cap)) {
+        map.remove(&sk);
+    }
 }
 
 fn start_session(app: &Arc<App>, key: &KeyConfig, headers: &HeaderMap) -> Arc<HttpSession> {

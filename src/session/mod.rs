@@ -48,6 +48,17 @@ pub enum ClientKind {
     Http,
 }
 
+impl ClientKind {
+    /// The gauge of open sessions of this kind: sockets, or HTTP sessions (which hold no
+    /// socket between requests).
+    fn gauge(self) -> &'static str {
+        match self {
+            ClientKind::WebSocket => metric::CLIENT_SOCKETS_OPEN,
+            ClientKind::Http => metric::HTTP_SESSIONS_OPEN,
+        }
+    }
+}
+
 /// What a session is started with.
 pub struct SessionParams {
     pub kind: ClientKind,
@@ -187,7 +198,8 @@ where
     Si: futures::Sink<Message, Error = tungstenite::Error> + Send + 'static,
     St: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin + Send,
 {
-    metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).increment(1.0);
+    let open = p.kind.gauge();
+    metrics::gauge!(open).increment(1.0);
     let out = Outbox::new(sink, p.cfg.session.pump_channel);
     let every = p.cfg.session.client_ping_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
@@ -289,7 +301,7 @@ where
     let (budget, id) = (s.p.budget.clone(), s.p.id);
     s.end(end).await;
     budget.remove(id);
-    metrics::gauge!(metric::CLIENT_SOCKETS_OPEN).decrement(1.0);
+    metrics::gauge!(open).decrement(1.0);
 }
 
 impl Session {
