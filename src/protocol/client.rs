@@ -90,10 +90,54 @@ pub fn parse(text: &str) -> Result<ClientFrame, RelayError> {
             "Several streams on one socket are not supported; open one socket per stream.",
         ));
     }
+    check_types(&body)?;
     Ok(ClientFrame::Create(CreateRequest {
         body,
         raw: text.to_string(),
     }))
+}
+
+/// The JSON kind a field the relay reads must have, as the API names it.
+#[derive(Clone, Copy)]
+enum Kind {
+    String,
+    Boolean,
+    StringOrArray,
+}
+
+/// Fields the relay itself acts on. One of another type would be read as absent (a chained
+/// request taken for a new one, say), so it gets the API's 400 `invalid_type` instead.
+const TYPED: [(&str, Kind); 6] = [
+    ("model", Kind::String),
+    ("previous_response_id", Kind::String),
+    ("generate", Kind::Boolean),
+    ("store", Kind::Boolean),
+    ("stream", Kind::Boolean),
+    ("input", Kind::StringOrArray),
+];
+
+fn check_types(body: &Map<String, Value>) -> Result<(), RelayError> {
+    for (field, kind) in TYPED {
+        let ok = match (body.get(field), kind) {
+            (None | Some(Value::Null), _) => true,
+            (Some(v), Kind::String) => v.is_string(),
+            (Some(v), Kind::Boolean) => v.is_boolean(),
+            (Some(v), Kind::StringOrArray) => v.is_string() || v.is_array(),
+        };
+        if !ok {
+            let expected = match kind {
+                Kind::String => "a string",
+                Kind::Boolean => "a boolean",
+                Kind::StringOrArray => "a string or an array",
+            };
+            return Err(RelayError::invalid_request(
+                "invalid_type",
+                format!("Invalid type for '{field}': expected {expected}."),
+            )
+            .param(field));
+        }
+    }
+    Ok(())
 }
 
 fn unsupported(param: &str, message: &str) -> RelayError {
@@ -144,5 +188,34 @@ mod tests {
         let e = parse(r#"{"type":"response.create","stream_id":"a"}"#).expect_err("refused");
         assert_eq!(e.param.as_deref(), Some("stream_id"));
         assert!(parse(r#"{"type":"response.create","background":false,"stream":true}"#).is_ok());
+    }
+
+    /// Fields the relay reads have the API's types, or the frame gets 400 `invalid_type`
+    /// naming the field (an object for `previous_response_id` was once read as no chain).
+    #[test]
+    fn ws4_fields_the_relay_reads_must_have_their_types() {
+        for (frame, param) in [
+            (r#"{"model":{"x":1}}"#, "model"),
+            (r#"{"model":"m","previous_response_id":{"id":"r"}}"#, "previous_response_id"),
+            (r#"{"model":"m","previous_response_id":7}"#, "previous_response_id"),
+            (r#"{"model":"m","generate":"false"}"#, "generate"),
+            (r#"{"model":"m","store":1}"#, "store"),
+            (r#"{"model":"m","stream":"yes"}"#, "stream"),
+            (r#"{"model":"m","input":{"role":"user"}}"#, "input"),
+            (r#"{"model":"m","input":5}"#, "input"),
+        ] {
+            let e = parse(frame).expect_err(frame);
+            assert_eq!(
+                (e.code.as_str(), e.param.as_deref(), e.status),
+                ("invalid_type", Some(param), 400),
+                "{frame}"
+            );
+        }
+        for ok in [
+            r#"{"model":"m","input":"hi","store":false,"stream":true,"generate":false}"#,
+            r#"{"model":"m","input":[],"previous_response_id":null,"store":null}"#,
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
     }
 }
