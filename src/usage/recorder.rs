@@ -25,7 +25,15 @@ pub struct Recorder {
     recorded: AtomicU64,
     /// Serialises flushes so records reach the store in the order they were taken.
     flushing: tokio::sync::Mutex<()>,
+    /// Unpriced model names given a series of their own so far (at most
+    /// [`UNPRICED_SERIES`]).
+    unpriced: Mutex<std::collections::HashSet<String>>,
 }
+
+/// Distinct model labels of `switchyard_usage_unpriced_total`: the model is the client's text,
+/// and a series per name would let requests grow the relay's memory and the operators'
+/// Prometheus without bound. Later names count under `other`.
+const UNPRICED_SERIES: usize = 64;
 
 impl Recorder {
     /// Opens (creating when missing) the store at `path` and the price table.
@@ -38,6 +46,7 @@ impl Recorder {
             flushed: AtomicU64::new(0),
             recorded: AtomicU64::new(0),
             flushing: tokio::sync::Mutex::new(()),
+            unpriced: Mutex::default(),
         }))
     }
 
@@ -47,9 +56,22 @@ impl Recorder {
         let model = model?;
         let cost = self.prices.get().cost(model, tokens);
         if cost.is_none() {
-            metrics::counter!(metric::USAGE_UNPRICED, "model" => model.to_string()).increment(1);
+            let label = self.unpriced_label(model);
+            metrics::counter!(metric::USAGE_UNPRICED, "model" => label).increment(1);
         }
         cost
+    }
+
+    fn unpriced_label(&self, model: &str) -> String {
+        let mut seen = self.unpriced.lock();
+        if seen.contains(model) {
+            return model.to_string();
+        }
+        if seen.len() < UNPRICED_SERIES && model.len() <= 128 {
+            seen.insert(model.to_string());
+            return model.to_string();
+        }
+        "other".to_string()
     }
 
     /// Takes a finished record; it reaches the store with the next flush.
@@ -158,5 +180,27 @@ impl Recorder {
                 tracing::error!(error = %e, pending = me.pending(), "final usage flush failed");
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The unpriced counter's `model` label takes the client's text: its distinct values stay
+    /// bounded whatever names requests carry.
+    #[test]
+    fn us2_unpriced_model_labels_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let prices = crate::usage::prices::Prices::new(None).unwrap();
+        let r = Recorder::open(&dir.path().join("u.db"), prices).unwrap();
+        let tokens = Tokens::default();
+        for i in 0..1000 {
+            assert_eq!(r.cost(Some(&format!("made-up-{i}")), &tokens), None);
+        }
+        assert_eq!(r.unpriced.lock().len(), UNPRICED_SERIES);
+        assert_eq!(r.unpriced_label("made-up-3"), "made-up-3", "an early name keeps its series");
+        assert_eq!(r.unpriced_label("made-up-999"), "other");
+        assert_eq!(r.unpriced_label(&"m".repeat(500)), "other");
     }
 }
