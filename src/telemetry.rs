@@ -145,11 +145,23 @@ const SECRET_BEARING: &[(&str, tracing::Level)] = &[
     ("tungstenite::handshake", tracing::Level::DEBUG),
 ];
 
-/// Whether an event or span may be logged: not one of [`SECRET_BEARING`] above its cap.
-fn secret_free(meta: &tracing::Metadata<'_>) -> bool {
-    SECRET_BEARING
-        .iter()
-        .all(|(target, cap)| !meta.target().starts_with(target) || meta.level() <= cap)
+/// `filter` with [`SECRET_BEARING`] held to its caps. A cap is added only where `filter` would
+/// let more through: the added directive is the most specific for its target, so it wins over
+/// whatever `RUST_LOG` says, and the filter's most verbose level (which every disabled log
+/// call on the hot path is compared with first) stays as `RUST_LOG` set it.
+fn secret_free(mut filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::Layer;
+    for (target, cap) in SECRET_BEARING {
+        let max = Layer::<tracing_subscriber::Registry>::max_level_hint(&filter);
+        if max.is_none_or(|m| m > LevelFilter::from_level(*cap)) {
+            match format!("{target}={cap}").parse() {
+                Ok(d) => filter = filter.add_directive(d),
+                Err(e) => eprintln!("log cap for {target} not applied: {e}"),
+            }
+        }
+    }
+    filter
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`) and never with a dependency's
@@ -158,13 +170,14 @@ fn secret_free(meta: &tracing::Metadata<'_>) -> bool {
 pub fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = secret_free(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
     let (format, handle) = reload::Layer::new(formatter(LogFormat::Text));
     let installed = tracing_subscriber::registry()
         .with(format)
         .with(filter)
-        .with(tracing_subscriber::filter::filter_fn(secret_free))
         .try_init();
     if installed.is_ok() {
         let _ = FORMAT.set(handle);
@@ -194,6 +207,55 @@ fn formatter(format: LogFormat) -> Formatter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `filter` (as `RUST_LOG` would give it, capped) lets through of three log calls:
+    /// the handshake's trace line, a debug line of the same target, another crate's trace.
+    fn logged(filter: &str) -> (bool, bool, bool) {
+        use std::io::Write;
+        use tracing_subscriber::layer::SubscriberExt;
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::fmt::layer().with_writer(move || out.clone()))
+            .with(secret_free(tracing_subscriber::EnvFilter::new(filter)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::trace!(target: "tungstenite::handshake::client", "Request: secret-a");
+            tracing::debug!(target: "tungstenite::handshake::client", "shown-b");
+            tracing::trace!(target: "tungstenite::protocol", "frame-c");
+        });
+        let text = String::from_utf8_lossy(&buf.0.lock()).into_owned();
+        (
+            text.contains("secret-a"),
+            text.contains("shown-b"),
+            text.contains("frame-c"),
+        )
+    }
+
+    #[test]
+    fn dependencies_that_write_credentials_are_capped_whatever_rust_log_says() {
+        assert_eq!(logged("trace"), (false, true, true));
+        assert_eq!(logged("tungstenite=trace"), (false, true, true));
+        assert_eq!(logged("tungstenite::handshake=trace"), (false, true, false));
+        assert_eq!(logged("info"), (false, false, false));
+        // The cap never makes the filter more verbose: disabled calls stay one comparison.
+        use tracing_subscriber::Layer;
+        let info = secret_free(tracing_subscriber::EnvFilter::new("info"));
+        assert_eq!(
+            Layer::<tracing_subscriber::Registry>::max_level_hint(&info),
+            Some(tracing_subscriber::filter::LevelFilter::INFO)
+        );
+    }
 
     #[test]
     fn loggable_escapes_line_breaks_and_bounds_the_length() {

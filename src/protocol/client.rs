@@ -196,8 +196,14 @@ mod tests {
     fn ws4_fields_the_relay_reads_must_have_their_types() {
         for (frame, param) in [
             (r#"{"model":{"x":1}}"#, "model"),
-            (r#"{"model":"m","previous_response_id":{"id":"r"}}"#, "previous_response_id"),
-            (r#"{"model":"m","previous_response_id":7}"#, "previous_response_id"),
+            (
+                r#"{"model":"m","previous_response_id":{"id":"r"}}"#,
+                "previous_response_id",
+            ),
+            (
+                r#"{"model":"m","previous_response_id":7}"#,
+                "previous_response_id",
+            ),
             (r#"{"model":"m","generate":"false"}"#, "generate"),
             (r#"{"model":"m","store":1}"#, "store"),
             (r#"{"model":"m","stream":"yes"}"#, "stream"),

@@ -199,7 +199,11 @@ mod tests {
             assert_eq!(r.cost(Some(&format!("made-up-{i}")), &tokens), None);
         }
         assert_eq!(r.unpriced.lock().len(), UNPRICED_SERIES);
-        assert_eq!(r.unpriced_label("made-up-3"), "made-up-3", "an early name keeps its series");
+        assert_eq!(
+            r.unpriced_label("made-up-3"),
+            "made-up-3",
+            "an early name keeps its series"
+        );
         assert_eq!(r.unpriced_label("made-up-999"), "other");
         assert_eq!(r.unpriced_label(&"m".repeat(500)), "other");
     }
