@@ -121,6 +121,40 @@ async fn tm3_mode_switch_applies_from_the_next_turn() {
     assert_eq!(t, vec![(1, "ctx_pool".into()), (2, "http".into())]);
 }
 
+/// TM-3, CT-2: a switch to `http` while the session sits between turns, holding the pooled
+/// context that has its last response: the next chained turn goes over HTTP as a replay, never
+/// with `previous_response_id` (the HTTP upstream has no connection cache: it would answer 400
+/// `previous_response_not_found`, a broken chain). Found by the chaos soak.
+#[tokio::test]
+async fn tm3_a_mode_switch_between_turns_continues_by_replay() {
+    let env = relay(&format!("admin:\n  token: {TOKEN}\n")).await;
+    let mut ws = env.connect().await;
+    let first = turn(&mut ws, "[[mock:text 3]]").await;
+    assert!(completed(&first));
+    let (s, _) = post(&env, "up/mode", Some(json!({"mode": "http"}))).await;
+    assert_eq!(s, 200);
+    let mut next = create("gpt-test", "after the switch [[mock:text 3]]");
+    next["previous_response_id"] = json!(response_id(&first));
+    send(&mut ws, &next).await;
+    let second = read_turn(&mut ws).await;
+    assert!(completed(&second), "{second:?}");
+    let log = env.mock.log();
+    let sent = &log.requests.last().unwrap().body;
+    assert!(
+        sent.get("previous_response_id").is_none(),
+        "replayed: {sent}"
+    );
+    // And back: the pooled context is cold for this session's newest response, so again a
+    // replay, not the fast path.
+    let url = format!("{}/up/override", admin(&env));
+    let (s, _) = call(reqwest::Method::DELETE, &url, Some(TOKEN), None).await;
+    assert_eq!(s, 200);
+    let mut third = create("gpt-test", "back on the pool [[mock:text 3]]");
+    third["previous_response_id"] = json!(response_id(&second));
+    send(&mut ws, &third).await;
+    assert!(completed(&read_turn(&mut ws).await));
+}
+
 /// Disable and drain stop new turns (503 `no_capacity`, the socket stays open); enable and
 /// clearing the override bring the account back.
 #[tokio::test]

@@ -83,22 +83,24 @@ fn live_counts(app: &App) {
 
 /// Any other path: an OpenAI-shaped 404, so every answer of the relay is JSON.
 pub async fn not_found() -> Response {
-    let body = crate::protocol::frames::http_error_body(
-        "invalid_request_error",
+    json_error(
+        StatusCode::NOT_FOUND,
         "not_found",
         "No such path on this relay.",
-        None,
-    );
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    )
 }
 
 /// A known path with a method it does not serve: an OpenAI-shaped 405.
 pub async fn method_not_allowed() -> Response {
-    let body = crate::protocol::frames::http_error_body(
-        "invalid_request_error",
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "This path does not take that method.",
-        None,
-    );
-    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+    )
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body =
+        crate::protocol::frames::http_error_body("invalid_request_error", code, message, None);
+    (status, axum::Json(body)).into_response()
 }

@@ -231,6 +231,20 @@ impl Shared {
         );
         *self.tally.lock().entry((action, outcome)).or_default() += 1;
     }
+
+    /// Counts the answer `events` to `req`; a wrong one fails with the whole story.
+    fn answered(&self, action: Action, req: &Value, events: &[Value]) {
+        let t = events.last().expect("a terminal");
+        let outcome = Outcome::of(t);
+        assert!(
+            expected(action, &outcome),
+            "{action:?} answered with {t}\nrequest: previous_response_id {}, input {}\nevents {:?}",
+            req["previous_response_id"],
+            req["input"],
+            types(events)
+        );
+        *self.tally.lock().entry((action, outcome)).or_default() += 1;
+    }
 }
 
 /// One soak session; returns how many `response.create` it sent.
@@ -263,16 +277,16 @@ pub async fn session(shared: Shared, seed: u64, id: u64) -> u64 {
             Action::Preempt => preempt(&shared, &mut ws, &mut c, &req, k).await,
             Action::Drop => {
                 let (events, cut) = until_first_delta(&mut ws).await;
-                let outcome = match events.last() {
-                    Some(t) if !cut => Outcome::of(t),
-                    _ => Outcome::Dropped,
-                };
-                shared.count(action, outcome);
+                if cut {
+                    shared.count(action, Outcome::Dropped);
+                } else {
+                    shared.answered(action, &req, &events);
+                }
                 return c.creates;
             }
             _ => {
                 let events = answer(&mut ws).await;
-                shared.count(action, Outcome::of(events.last().expect("terminal")));
+                shared.answered(action, &req, &events);
                 c.advance(&req, &events, action);
             }
         }
@@ -285,10 +299,7 @@ async fn preempt(shared: &Shared, ws: &mut Ws, c: &mut Convo, req: &Value, k: u6
     let (events, cut) = until_first_delta(ws).await;
     if !cut {
         // The long turn ended before any output: the upstream was in trouble.
-        shared.count(
-            Action::Preempt,
-            Outcome::of(events.last().expect("terminal")),
-        );
+        shared.answered(Action::Preempt, req, &events);
         c.advance(req, &events, Action::Preempt);
         return;
     }
@@ -297,7 +308,7 @@ async fn preempt(shared: &Shared, ws: &mut Ws, c: &mut Convo, req: &Value, k: u6
     let next = c.request(&format!("after preemption {k} [[mock:text 3]]"), false);
     send(ws, &next).await;
     let events = read_past_preempted(ws).await;
-    shared.count(Action::Text, Outcome::of(events.last().expect("terminal")));
+    shared.answered(Action::Text, &next, &events);
     c.advance(&next, &events, Action::Text);
 }
 
