@@ -102,6 +102,11 @@ pub enum Outcome {
     Error(u16, String),
     Preempted,
     Dropped,
+    /// An `error` after a preemption but before the new turn's `response.created`: the new
+    /// request's refusal, or the cut turn's own end (it failed before the relay read the new
+    /// request, which then runs as a turn of its own). The wire cannot tell them apart, so
+    /// the session ends there (its records still count).
+    Unattributed,
 }
 
 impl Outcome {
@@ -142,6 +147,7 @@ fn expected(action: Action, outcome: &Outcome) -> bool {
         // The error fixture is a server_error, a 5xx.
         Action::Fixture(_) => false,
         Action::Preempt => *outcome == Outcome::Preempted,
+        Action::Text => matches!(outcome, Outcome::Completed | Outcome::Unattributed),
         Action::Drop => *outcome == Outcome::Dropped,
         _ => *outcome == Outcome::Completed,
     }
@@ -274,7 +280,11 @@ pub async fn session(shared: Shared, seed: u64, id: u64) -> u64 {
         let req = c.request(&text, action == Action::Warmup);
         send(&mut ws, &req).await;
         match action {
-            Action::Preempt => preempt(&shared, &mut ws, &mut c, &req, k).await,
+            Action::Preempt => {
+                if !preempt(&shared, &mut ws, &mut c, &req, k).await {
+                    return c.creates;
+                }
+            }
             Action::Drop => {
                 let (events, cut) = until_first_delta(&mut ws).await;
                 if cut {
@@ -294,22 +304,31 @@ pub async fn session(shared: Shared, seed: u64, id: u64) -> u64 {
     c.creates
 }
 
-/// TP-5: the running turn is cut by the next request, which gets the only terminal.
-async fn preempt(shared: &Shared, ws: &mut Ws, c: &mut Convo, req: &Value, k: u64) {
+/// TP-5: the running turn is cut by the next request, which gets the only terminal. Returns
+/// whether the session goes on (not after an answer it cannot attribute).
+async fn preempt(shared: &Shared, ws: &mut Ws, c: &mut Convo, req: &Value, k: u64) -> bool {
     let (events, cut) = until_first_delta(ws).await;
     if !cut {
         // The long turn ended before any output: the upstream was in trouble.
         shared.answered(Action::Preempt, req, &events);
         c.advance(req, &events, Action::Preempt);
-        return;
+        return true;
     }
     shared.count(Action::Preempt, Outcome::Preempted);
     c.call = req["input"][0]["call_id"].as_str().map(str::to_string);
     let next = c.request(&format!("after preemption {k} [[mock:text 3]]"), false);
     send(ws, &next).await;
-    let events = read_past_preempted(ws).await;
-    shared.answered(Action::Text, &next, &events);
-    c.advance(&next, &events, Action::Text);
+    match read_past_preempted(ws).await {
+        Some(events) => {
+            shared.answered(Action::Text, &next, &events);
+            c.advance(&next, &events, Action::Text);
+            true
+        }
+        None => {
+            shared.count(Action::Text, Outcome::Unattributed);
+            false
+        }
+    }
 }
 
 /// Reads one response to its terminal; the terminal must be last and unique, and every output
@@ -353,16 +372,19 @@ async fn until_first_delta(ws: &mut Ws) -> (Vec<Value>, bool) {
 }
 
 /// Reads the new turn after a preemption: events of the cut turn may still be in flight, but
-/// it never gets a terminal; the new turn's first event or its terminal starts the read.
-async fn read_past_preempted(ws: &mut Ws) -> Vec<Value> {
+/// it never gets a terminal; the new turn begins with its `response.created`. `None` for an
+/// `error` before that (see [`Outcome::Unattributed`]).
+async fn read_past_preempted(ws: &mut Ws) -> Option<Vec<Value>> {
     let mut events = Vec::new();
     let mut started = false;
     loop {
         let Frame::Event(e) = next_frame(ws).await else {
             panic!("socket ended after a preemption");
         };
-        // The new turn begins with its `response.created`, or is refused at once.
-        if e["type"] == "response.created" || e["type"] == "error" {
+        if !started && e["type"] == "error" {
+            return None;
+        }
+        if e["type"] == "response.created" {
             started = true;
         }
         if !started {
@@ -372,7 +394,7 @@ async fn read_past_preempted(ws: &mut Ws) -> Vec<Value> {
         let done = is_terminal(&e);
         events.push(e);
         if done {
-            return events;
+            return Some(events);
         }
     }
 }
