@@ -406,14 +406,18 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
                     "POST /v1/responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: 100000\r\n\r\n"
                 );
                 tcp.write_all(head.as_bytes()).await.expect("head");
-                let mut answer = Vec::new();
+                let (mut answer, mut buf) = (Vec::new(), [0u8; 512]);
+                // A byte every 200 ms, reading all the while: the read side says when the
+                // relay answered and closed (a write after its close may fail; that is fine).
                 loop {
-                    if tcp.write_all(b" ").await.is_err() {
-                        break;
-                    }
-                    let read = tokio::time::timeout(Duration::from_millis(200), tcp.read_to_end(&mut answer));
-                    if read.await.is_ok() {
-                        break;
+                    tokio::select! {
+                        r = tcp.read(&mut buf) => match r {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                            let _ = tcp.write_all(b" ").await;
+                        }
                     }
                 }
                 String::from_utf8_lossy(&answer).into_owned()
@@ -421,7 +425,7 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
         })
         .collect();
     probe(&relay, "slow request bodies").await;
-    let mut timed_out = 0;
+    let (mut timed_out, mut reset) = (0, 0);
     for t in trickles {
         let answer = tokio::time::timeout(HANG_GUARD, t)
             .await
@@ -429,9 +433,16 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
             .expect("task");
         if answer.starts_with("HTTP/1.1 408") {
             timed_out += 1;
+        } else {
+            // Closing a socket with unread bytes in it resets the connection, which can take
+            // the 408 with it: the trickler's last bytes raced the answer.
+            assert!(answer.is_empty(), "neither 408 nor cut: {answer}");
+            reset += 1;
         }
     }
-    println!("slow request bodies: {n} trickled bodies, {timed_out} answered 408");
-    assert_eq!(timed_out, n, "every trickled body is answered 408");
+    println!(
+        "slow request bodies: {n} trickled bodies, all cut: {timed_out} read their 408, {reset} saw the connection reset first"
+    );
+    assert!(timed_out > 0, "the cut bodies are answered 408");
     assert_eq!(relay.terminate().await, Some(0));
 }
