@@ -446,3 +446,44 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
     assert!(timed_out > 0, "the cut bodies are answered 408");
     assert_eq!(relay.terminate().await, Some(0));
 }
+
+/// `server.max_header_bytes` under a flood: connections sending request heads over the limit
+/// get 431 and are closed, while a client is served.
+#[tokio::test]
+async fn oversized_request_heads_get_431_while_a_client_is_served() {
+    let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
+    let (_mock, _dir, relay) = start(1000, "server:\n  max_header_bytes: 4096\n").await;
+    let addr = relay.addr.clone();
+    let floods: Vec<_> = (0..n)
+        .map(|_| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let mut tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                let head = format!(
+                    "GET /v1/responses HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
+                    "a".repeat(16 * 1024)
+                );
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let mut answer = Vec::new();
+                let _ = tcp.read_to_end(&mut answer).await;
+                String::from_utf8_lossy(&answer).into_owned()
+            })
+        })
+        .collect();
+    probe(&relay, "oversized request heads").await;
+    let mut refused = 0;
+    for f in floods {
+        let answer = tokio::time::timeout(HANG_GUARD, f)
+            .await
+            .expect("hang guard: the relay answers the oversized head")
+            .expect("task");
+        if answer.starts_with("HTTP/1.1 431") {
+            refused += 1;
+        }
+    }
+    println!("oversized request heads: {n} heads of 16 KiB, {refused} read their 431");
+    assert!(refused > 0, "oversized heads get 431");
+    assert_eq!(relay.terminate().await, Some(0));
+}
