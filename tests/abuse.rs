@@ -103,6 +103,38 @@ fn rss_kib(relay: &Proc) -> u64 {
         .expect("VmRSS")
 }
 
+/// `n` attackers, each on a TCP connection of its own to `addr`, running `attack` on it.
+fn attackers<F, Fut, T>(n: usize, addr: &str, attack: F) -> Vec<tokio::task::JoinHandle<T>>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    (0..n)
+        .map(|_| {
+            let (addr, attack) = (addr.to_string(), attack.clone());
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                attack(tcp).await
+            })
+        })
+        .collect()
+}
+
+/// What each attacker ended with; the hang guard fails a relay that never cuts one.
+async fn ended<T>(tasks: Vec<tokio::task::JoinHandle<T>>, what: &str) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let r = tokio::time::timeout(HANG_GUARD, t)
+            .await
+            .unwrap_or_else(|_| panic!("hang guard: {what}"));
+        out.push(r.expect("attacker task"));
+    }
+    out
+}
+
 /// TP-2: clients that ask for long answers and never read them hold the relay's memory to its
 /// bounded pump and socket buffers — the upstream read waits — while another client is served.
 /// Without backpressure each would buffer its whole answer (about 2 MB each here).
@@ -153,38 +185,24 @@ async fn clients_that_never_read_are_held_by_backpressure() {
 async fn slow_request_heads_are_cut_at_the_handshake_timeout() {
     let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
     let (_mock, _dir, relay) = start(1000, "server:\n  handshake_timeout: 1s\n").await;
-    let addr = relay.addr.clone();
-    let dribblers: Vec<_> = (0..n)
-        .map(|_| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let mut tcp = tokio::net::TcpStream::connect(&addr)
-                    .await
-                    .expect("connect");
-                let head = b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nX-Slow: ";
-                for b in head.iter().chain(std::iter::repeat(&b'a')) {
-                    if tcp.write_all(&[*b]).await.is_err() {
-                        return true;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    let mut buf = [0u8; 64];
-                    match tokio::time::timeout(Duration::ZERO, tcp.read(&mut buf)).await {
-                        Ok(Ok(0)) | Ok(Err(_)) => return true,
-                        _ => {}
-                    }
-                }
-                false
-            })
-        })
-        .collect();
+    let dribblers = attackers(n, &relay.addr, |mut tcp| async move {
+        let head = b"GET /v1/responses HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+        for b in head.iter().chain(std::iter::repeat(&b'a')) {
+            if tcp.write_all(&[*b]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::ZERO, tcp.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                _ => {}
+            }
+        }
+        false
+    });
     probe(&relay, "slow request heads").await;
-    for d in dribblers {
-        let closed = tokio::time::timeout(HANG_GUARD, d)
-            .await
-            .expect("hang guard: the relay cuts the slow head")
-            .expect("task");
-        assert!(closed);
-    }
+    let closed = ended(dribblers, "the relay cuts the slow head").await;
+    assert!(closed.iter().all(|c| *c));
     assert_eq!(relay.terminate().await, Some(0));
 }
 
@@ -396,41 +414,30 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
     let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
     let extra = "server:\n  handshake_timeout: 1s\n  body_timeout: 2s\n";
     let (_mock, _dir, relay) = start(1000, extra).await;
-    let addr = relay.addr.clone();
-    let trickles: Vec<_> = (0..n)
-        .map(|_| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let mut tcp = tokio::net::TcpStream::connect(&addr).await.expect("connect");
-                let head = format!(
-                    "POST /v1/responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: 100000\r\n\r\n"
-                );
-                tcp.write_all(head.as_bytes()).await.expect("head");
-                let (mut answer, mut buf) = (Vec::new(), [0u8; 512]);
-                // A byte every 200 ms, reading all the while: the read side says when the
-                // relay answered and closed (a write after its close may fail; that is fine).
-                loop {
-                    tokio::select! {
-                        r = tcp.read(&mut buf) => match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => answer.extend_from_slice(&buf[..n]),
-                        },
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                            let _ = tcp.write_all(b" ").await;
-                        }
-                    }
+    let trickles = attackers(n, &relay.addr, |mut tcp| async move {
+        let head = format!(
+            "POST /v1/responses HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\ncontent-length: 100000\r\n\r\n"
+        );
+        tcp.write_all(head.as_bytes()).await.expect("head");
+        let (mut answer, mut buf) = (Vec::new(), [0u8; 512]);
+        // A byte every 200 ms, reading all the while: the read side says when the relay
+        // answered and closed (a write after its close may fail; that is fine).
+        loop {
+            tokio::select! {
+                r = tcp.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let _ = tcp.write_all(b" ").await;
                 }
-                String::from_utf8_lossy(&answer).into_owned()
-            })
-        })
-        .collect();
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    });
     probe(&relay, "slow request bodies").await;
     let (mut timed_out, mut reset) = (0, 0);
-    for t in trickles {
-        let answer = tokio::time::timeout(HANG_GUARD, t)
-            .await
-            .expect("hang guard: the relay cuts the slow body")
-            .expect("task");
+    for answer in ended(trickles, "the relay cuts the slow body").await {
         if answer.starts_with("HTTP/1.1 408") {
             timed_out += 1;
         } else {
@@ -453,36 +460,20 @@ async fn slow_request_bodies_are_cut_at_the_body_timeout() {
 async fn oversized_request_heads_get_431_while_a_client_is_served() {
     let n = size("SWITCHYARD_ABUSE_SOCKETS", 300);
     let (_mock, _dir, relay) = start(1000, "server:\n  max_header_bytes: 4096\n").await;
-    let addr = relay.addr.clone();
-    let floods: Vec<_> = (0..n)
-        .map(|_| {
-            let addr = addr.clone();
-            tokio::spawn(async move {
-                let mut tcp = tokio::net::TcpStream::connect(&addr)
-                    .await
-                    .expect("connect");
-                let head = format!(
-                    "GET /v1/responses HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
-                    "a".repeat(16 * 1024)
-                );
-                let _ = tcp.write_all(head.as_bytes()).await;
-                let mut answer = Vec::new();
-                let _ = tcp.read_to_end(&mut answer).await;
-                String::from_utf8_lossy(&answer).into_owned()
-            })
-        })
-        .collect();
+    let floods = attackers(n, &relay.addr, |mut tcp| async move {
+        let padding = "a".repeat(16 * 1024);
+        let head = format!("GET /v1/responses HTTP/1.1\r\nhost: x\r\nx-padding: {padding}\r\n\r\n");
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tcp.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
     probe(&relay, "oversized request heads").await;
-    let mut refused = 0;
-    for f in floods {
-        let answer = tokio::time::timeout(HANG_GUARD, f)
-            .await
-            .expect("hang guard: the relay answers the oversized head")
-            .expect("task");
-        if answer.starts_with("HTTP/1.1 431") {
-            refused += 1;
-        }
-    }
+    let answers = ended(floods, "the relay answers the oversized head").await;
+    let refused = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 431"))
+        .count();
     println!("oversized request heads: {n} heads of 16 KiB, {refused} read their 431");
     assert!(refused > 0, "oversized heads get 431");
     assert_eq!(relay.terminate().await, Some(0));
