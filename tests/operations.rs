@@ -516,45 +516,6 @@ async fn server_a_request_head_not_finished_in_time_is_disconnected() {
     );
 }
 
-/// Sends `head` then `body` on a fresh connection and reads the answer to its end: the status
-/// and the JSON body. `gap` between body bytes (none: all at once).
-async fn raw_request(
-    addr: &str,
-    head: &str,
-    body: &[u8],
-    gap: Option<std::time::Duration>,
-) -> (u16, Value) {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(head.as_bytes()).await.expect("head");
-    match gap {
-        None => {
-            let _ = tcp.write_all(body).await;
-        }
-        Some(gap) => {
-            for b in body {
-                if tcp.write_all(&[*b]).await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(gap).await;
-            }
-        }
-    }
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(HANG_GUARD, tcp.read_to_end(&mut answer))
-        .await
-        .expect("hang guard: an answer");
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, b)| serde_json::from_str(b.trim()).ok())
-        .unwrap_or_else(|| panic!("no JSON body: {text:?}"));
-    (status, json)
-}
-
 fn post_head(path: &str, auth: &str, length: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {auth}\r\ncontent-type: application/json\r\n{length}connection: close\r\n\r\n"
@@ -575,22 +536,22 @@ async fn server_request_bodies_are_bounded_in_size_and_time() {
     let addr = env.relay.addr.to_string();
     let code = |v: &Value| v["error"]["code"].as_str().map(str::to_string);
     let huge = "content-length: 1073741824\r\n";
-    let (s, b) = raw_request(&addr, &post_head("/v1/responses", KEY, huge), b"", None).await;
+    let (s, b) = raw_http(&addr, &post_head("/v1/responses", KEY, huge), b"", None).await;
     assert_eq!((s, code(&b)), (413, Some("request_too_large".into())));
     let admin = post_head("/admin/v1/accounts/up/mode", "wrong", huge);
-    let (s, b) = raw_request(&addr, &admin, b"", None).await;
+    let (s, b) = raw_http(&addr, &admin, b"", None).await;
     assert_eq!((s, code(&b)), (401, Some("invalid_admin_token".into())));
     let stalled = post_head("/v1/responses", KEY, "content-length: 100\r\n");
-    let (s, b) = raw_request(&addr, &stalled, b"{\"model\"", None).await;
+    let (s, b) = raw_http(&addr, &stalled, b"{\"model\"", None).await;
     assert_eq!((s, code(&b)), (408, Some("request_timeout".into())));
     let trickle = vec![b' '; 1000];
     let gap = Some(std::time::Duration::from_millis(50));
-    let (s, b) = raw_request(&addr, &stalled.replace("100", "1000"), &trickle, gap).await;
+    let (s, b) = raw_http(&addr, &stalled.replace("100", "1000"), &trickle, gap).await;
     assert_eq!((s, code(&b)), (408, Some("request_timeout".into())));
     let chunked = post_head("/v1/responses", KEY, "transfer-encoding: chunked\r\n");
-    let (s, b) = raw_request(&addr, &chunked, b"zz\r\n{}\r\n0\r\n\r\n", None).await;
+    let (s, b) = raw_http(&addr, &chunked, b"zz\r\n{}\r\n0\r\n\r\n", None).await;
     assert_eq!((s, code(&b)), (400, Some("invalid_body".into())));
-    let (s, b) = raw_request(
+    let (s, b) = raw_http(
         &addr,
         "GET /nope HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
         b"",
@@ -599,7 +560,7 @@ async fn server_request_bodies_are_bounded_in_size_and_time() {
     .await;
     assert_eq!((s, code(&b)), (404, Some("not_found".into())));
     let delete = "DELETE /v1/responses HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
-    let (s, b) = raw_request(&addr, delete, b"", None).await;
+    let (s, b) = raw_http(&addr, delete, b"", None).await;
     assert_eq!((s, code(&b)), (405, Some("method_not_allowed".into())));
     let ok = post(
         &addr,

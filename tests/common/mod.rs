@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -344,4 +345,43 @@ pub fn sse_events(text: &str) -> Vec<(String, Value)> {
         ));
     }
     out
+}
+
+/// Sends `head` then `body` on a fresh connection and reads the answer to its end: the status
+/// and the JSON body. `gap` between body bytes (none: all at once).
+pub async fn raw_http(
+    addr: &str,
+    head: &str,
+    body: &[u8],
+    gap: Option<std::time::Duration>,
+) -> (u16, Value) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(head.as_bytes()).await.expect("head");
+    match gap {
+        None => {
+            let _ = tcp.write_all(body).await;
+        }
+        Some(gap) => {
+            for b in body {
+                if tcp.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(gap).await;
+            }
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(HANG_GUARD, tcp.read_to_end(&mut answer))
+        .await
+        .expect("hang guard: an answer");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let json = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b.trim()).ok())
+        .unwrap_or_else(|| panic!("no JSON body: {text:?}"));
+    (status, json)
 }
